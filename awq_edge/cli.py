@@ -1,0 +1,60 @@
+"""`awq-edge` command line. Each subcommand lives in the module that owns the work.
+
+A module listed here exposes `register(subparsers)`, which adds its subcommand(s) with
+`set_defaults(func=...)`. Heavy imports (torch, transformers, tvm) stay inside the functions so
+that `awq-edge --help` and the runtime commands start fast and need only what they use.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMAND_MODULES = [
+    "awq_edge.commands",  # quantize, eval
+    "export.cli",  # export, targets
+    "runtime.cli",  # run, chat, bench, bundle-runtime
+]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from awq_edge.errors import UserError as A
+    from export.errors import UserError as E
+    from runtime.errors import UserError as R
+    from tvm_kernels.errors import UserError as K
+
+    return (A, E, R, K)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="awq-edge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # A part that is not written yet, or whose own dependency is missing, must not take
+            # the other subcommands down with it; its commands are just absent.
+            if e.name and (e.name == name or name.startswith(e.name + ".")):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except _user_errors() as e:
+        print(f"awq-edge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"awq-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
