@@ -14,6 +14,7 @@ _COMMAND_MODULES = [
     "awq_edge.commands",  # quantize, eval
     "export.cli",  # export, targets
     "runtime.cli",  # run, chat, bench, bundle-runtime
+    "awq_edge.bench_cmd",  # bench
 ]
 
 

@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Jetson Orin and cpu-aarch64 exports cross-compile their host code with this toolchain.
+if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null
+  else
+    echo "setup_env.sh: aarch64-linux-gnu-g++ not found; install g++-aarch64-linux-gnu for Jetson exports" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

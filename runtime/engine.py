@@ -1,0 +1,358 @@
+"""Engine: load an artifact and generate tokens with the Relax VM and TVM's paged KV cache.
+
+    eng = Engine("artifacts/smollm2-awq-cpu")
+    print(eng.generate("What is the capital of France?", chat=True, max_new_tokens=32).text)
+    for piece in eng.stream("Once upon a time", max_new_tokens=64):
+        print(piece, end="", flush=True)
+
+One sequence (batch 1) lives in the KV cache. The engine remembers which token ids the cache holds;
+a new prompt that starts with them (the next turn of a chat, or the same prompt again) only prefills
+what is new, and one that diverges pops the cache back to the common prefix first.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from runtime import tvm_loader
+from runtime.errors import UserError
+from runtime.manifest import Manifest
+from runtime.sampling import Sampler, SamplingParams
+from runtime.tokenizer import StopStrings, Tokenizer
+from runtime.weights import NP_DTYPES, load_safetensors
+
+REQUIRED_FUNCTIONS = ("create_kv_cache", "embed", "prefill", "decode")
+SEQ_ID = 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids (the stop token included when EOS ended it)
+    prompt_tokens: int  # tokens of the prompt
+    prefilled_tokens: int  # of those, how many were run (the rest were already in the KV cache)
+    finish_reason: str  # "eos" | "stop" | "length" | "context"
+    ttft_s: float  # prompt in -> first token sampled
+    decode_s: float  # the decode steps after the first token
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class Engine:
+    def __init__(self, artifact: str | Path, device: str = "auto", verify: bool = True,
+                 synthesize_weights: bool = False, seed: int = 0):
+        """Load `artifact` onto `device` ("auto" = the artifact's target device, "cpu" or "cuda").
+
+        verify: check every file's sha256 against the manifest first.
+        synthesize_weights: for an artifact exported without weights (speed benchmarks), fill every
+        parameter with random values of its manifest shape and dtype instead of reading params.
+        """
+        self.folder = Path(artifact)
+        self.manifest = Manifest.load(self.folder, verify=verify)
+        m = self.manifest
+        built_for = m.target.get("device", "cpu")
+        self.device_name = built_for if device == "auto" else device
+        if self.device_name not in tvm_loader.DEVICE_TYPES:
+            raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+        if self.device_name != built_for:
+            raise UserError(f"{self.folder}: built for {m.target.get('name')} ({built_for}), cannot run on {self.device_name}")
+        missing = [f for f in REQUIRED_FUNCTIONS if f not in m.functions]
+        if missing:
+            raise UserError(f"{self.folder / 'manifest.json'}: lists no function {', '.join(missing)}")
+
+        self.ffi = tvm_loader.load_runtime(self.device_name)
+        self._alloc = self.ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self._from_bytes = self.ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
+        self._to_bytes = self.ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+        self._view = self.ffi.get_global_func("runtime.TVMTensorCreateView")
+        self._sync = self.ffi.get_global_func("runtime.Device_StreamSync")
+        self._kv_add = self.ffi.get_global_func("vm.builtin.kv_state_add_sequence")
+        self._kv_remove = self.ffi.get_global_func("vm.builtin.kv_state_remove_sequence")
+        self._kv_popn = self.ffi.get_global_func("vm.builtin.kv_state_popn")
+        self._kv_begin = self.ffi.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._kv_end = self.ffi.get_global_func("vm.builtin.kv_state_end_forward")
+        self.device = self.ffi.device(self.device_name, 0)
+        self.cpu = self.ffi.device("cpu", 0)
+
+        lib_path = self.folder / m.library
+        if not lib_path.is_file():
+            raise UserError(f"{lib_path}: missing (manifest `library`)")
+        self.lib = tvm_loader.load_module(lib_path, self.device_name)
+        try:
+            self.vm = self.lib["vm_load_executable"]()
+            dev_type = tvm_loader.DEVICE_TYPES[self.device_name]
+            # device, then the host (CPU); allocator 2 = pooled, so steady-state steps reuse buffers
+            self.vm["vm_initialization"](dev_type, 0, 2, tvm_loader.DEVICE_TYPES["cpu"], 0, 2)
+            self.fn = {name: self.vm[name] for name in m.functions if name in REQUIRED_FUNCTIONS + ("prefill_logits",)}
+        except Exception as e:
+            raise UserError(f"{lib_path}: not a Relax VM library with the artifact's functions ({e})") from None
+
+        self.hidden = int(m.model["hidden_size"])
+        self.vocab = int(m.model["vocab_size"])
+        kv = m.kv_cache
+        self.context_length = int(kv["max_total_seq_len"])
+        self.prefill_chunk = int(kv.get("prefill_chunk_size", self.context_length))
+        self.params = self._load_params(synthesize_weights, seed)
+        self.kv = self.fn["create_kv_cache"](
+            self.ffi.Shape([int(kv.get("max_batch_size", 1))]), self.ffi.Shape([self.context_length]),
+            self.ffi.Shape([self.prefill_chunk]), self.ffi.Shape([int(kv.get("page_size", 16))]),
+            self.ffi.Shape([int(bool(kv.get("sliding_window", 0)))]))
+        self._kv_add(self.kv, SEQ_ID)
+        self.cached: list[int] = []  # token ids whose keys/values the cache holds
+        self._token_buf = self.empty((1,), "int32")
+        self._logits_host = np.empty((self.vocab,), dtype=np.float32)
+        self._tokenizer: Tokenizer | None = None
+
+    # -- tensors -----------------------------------------------------------------------------------
+    def empty(self, shape: Sequence[int], dtype: str, device=None):
+        return self._alloc(self.ffi.Shape([int(d) for d in shape]), self.ffi.dtype(dtype), device or self.device, None)
+
+    def to_device(self, array: np.ndarray, out=None):
+        array = np.ascontiguousarray(array)
+        t = out if out is not None else self.empty(array.shape, str(array.dtype))
+        self._from_bytes(t, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
+        return t
+
+    def to_host(self, tensor, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty(tuple(tensor.shape), dtype=NP_DTYPES[str(tensor.dtype)])
+        self._to_bytes(tensor, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        return out
+
+    def sync(self):
+        self._sync(self.device, None)
+
+    def _load_params(self, synthesize: bool, seed: int):
+        m = self.manifest
+        files = {}
+        arrays = []
+        rng = np.random.default_rng(seed)
+        pool = None
+        for p in m.params:
+            name, shape, dtype = p["name"], tuple(int(d) for d in p["shape"]), p["dtype"]
+            if synthesize:
+                if pool is None:  # one random pool, sliced per tensor: fast for 7B-size models
+                    pool = {"float16": (rng.standard_normal(1 << 22) * 0.02).astype(np.float16),
+                            "uint32": rng.integers(0, 2**32, 1 << 22, dtype=np.uint32)}
+                arrays.append(self._synth(pool, name, shape, dtype, rng))
+                continue
+            fname = p.get("file", "params.safetensors")
+            if fname is None:
+                raise UserError(f"{self.folder}: exported without weights (param {name!r} has no file); "
+                                f"pass --synthesize-weights for a speed run")
+            if fname not in files:
+                path = self.folder / fname
+                if not path.is_file():
+                    raise UserError(f"{path}: missing (weights-less artifact? use synthesize_weights / --synthesize-weights for speed runs)")
+                files[fname] = (path, load_safetensors(path))
+            path, tensors = files[fname]
+            if name not in tensors:
+                raise UserError(f"{path}: has no tensor {name!r} (listed in the manifest)")
+            a = tensors[name]
+            if a.shape != shape or a.dtype != np.dtype(NP_DTYPES[dtype]):
+                raise UserError(f"{path}: tensor {name!r} is {a.dtype}{list(a.shape)}, the manifest says {dtype}{list(shape)}")
+            arrays.append(self.to_device(a))
+        return self.ffi.convert(arrays)
+
+    def _synth(self, pool, name, shape, dtype, rng):
+        n = int(np.prod(shape))
+        if dtype == "float16" and ("norm" in name or name.endswith("zeros")):
+            base = np.full(n, 8.0 if name.endswith("zeros") else 1.0, dtype=np.float16)
+        elif dtype == "float16" and name.endswith("scales"):
+            base = np.full(n, 0.002, dtype=np.float16)
+        elif dtype in pool:
+            start = int(rng.integers(0, pool[dtype].size))
+            base = np.resize(np.roll(pool[dtype], -start), n)
+        else:
+            base = np.zeros(n, dtype=NP_DTYPES[dtype])
+        return self.to_device(base.reshape(shape))
+
+    # -- tokenizer ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_artifact(self.folder, self.manifest.tokenizer)
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = self.manifest.tokenizer.get("eos_token_ids") or []
+        ids = {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
+        return ids or (self.tokenizer.eos_token_ids if self._has_tokenizer() else set())
+
+    def _has_tokenizer(self) -> bool:
+        return (self.folder / "tokenizer.json").is_file()
+
+    # -- the forward passes ------------------------------------------------------------------------
+    def reset(self):
+        """Forget the sequence: the next prompt is prefilled from its first token."""
+        self._kv_remove(self.kv, SEQ_ID)
+        self._kv_add(self.kv, SEQ_ID)
+        self.cached = []
+
+    def _embed(self, ids: np.ndarray, out=None):
+        t = self.to_device(ids.astype(np.int32), out)
+        e = self.fn["embed"](t, self.params)
+        return self._view(e, self.ffi.Shape([1, len(ids), self.hidden]), e.dtype, 0)
+
+    def _forward(self, fn: str, ids: np.ndarray):
+        n = len(ids)
+        self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([n]))
+        try:
+            out = self.fn[fn](self._embed(ids, self._token_buf if n == 1 else None), self.kv, self.params)
+        finally:
+            self._kv_end(self.kv)
+        self.cached.extend(int(i) for i in ids)
+        return out
+
+    def _check_room(self, n_new: int):
+        if len(self.cached) + n_new > self.context_length:
+            raise UserError(f"prompt too long: {len(self.cached) + n_new} tokens exceed the context length "
+                            f"{self.context_length} of this artifact (export with a larger --context-length)")
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Bring the cache to hold exactly `ids`; return the last position's logits (vocab floats)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise UserError("empty prompt")
+        if len(ids) > self.context_length:
+            raise UserError(f"prompt too long: {len(ids)} tokens exceed the context length {self.context_length} "
+                            f"of this artifact (export with a larger --context-length)")
+        common = 0
+        for a, b in zip(self.cached, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token must run to produce logits
+        if common == 0 and self.cached:
+            self.reset()
+        elif common < len(self.cached):
+            self._kv_popn(self.kv, SEQ_ID, len(self.cached) - common)
+            del self.cached[common:]
+        todo = np.asarray(ids[common:], dtype=np.int32)
+        out = None
+        for start in range(0, len(todo), self.prefill_chunk):
+            out = self._forward("prefill", todo[start:start + self.prefill_chunk])
+        self.last_prefilled = len(todo)
+        return self.to_host(out, self._logits_host.reshape(1, 1, -1)).reshape(-1).copy()
+
+    def decode(self, token: int) -> np.ndarray:
+        self._check_room(1)
+        out = self._forward("decode", np.asarray([token], dtype=np.int32))
+        return self.to_host(out, self._logits_host.reshape(1, 1, -1)).reshape(-1).copy()
+
+    def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position [n, vocab] for a fresh sequence (evaluation; needs `prefill_logits`)."""
+        if "prefill_logits" not in self.fn:
+            raise UserError(f"{self.folder}: the artifact has no prefill_logits function")
+        ids = np.asarray(ids, dtype=np.int32)
+        self.reset()
+        self._check_room(len(ids))
+        outs = []
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            outs.append(self.to_host(self._forward("prefill_logits", chunk)).reshape(len(chunk), -1))
+        return np.concatenate(outs, axis=0)
+
+    # -- generation --------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | Sequence[int] | list[dict], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if chat:
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(prompt)
+        return [int(i) for i in prompt]
+
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 128, sampling: SamplingParams | None = None,
+                     stop_token_ids: set[int] | None = None, stats: dict | None = None) -> Iterator[int]:
+        """Yield generated token ids; EOS (or a stop id) is yielded, then generation ends.
+
+        `stats` (a dict, if given) receives prefill_s, ttft_s, decode_s, decode_steps, finish_reason.
+        """
+        ids = [int(i) for i in ids]
+        sampler = Sampler(sampling)
+        stop_token_ids = self.eos_token_ids if stop_token_ids is None else set(stop_token_ids)
+        stats = stats if stats is not None else {}
+        history = list(ids)  # for the repetition penalty: prompt and output, as transformers does
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        stats.update(prompt_tokens=len(ids), prefilled_tokens=self.last_prefilled,
+                     prefill_s=time.perf_counter() - t0, decode_steps=0, decode_s=0.0, finish_reason="length")
+        for i in range(max_new_tokens):
+            token = sampler(logits, history)
+            if i == 0:
+                stats["ttft_s"] = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            history.append(token)
+            yield token
+            if token in stop_token_ids:
+                stats["finish_reason"] = "eos"
+                break
+            if i + 1 == max_new_tokens:
+                break
+            if len(self.cached) >= self.context_length:
+                stats["finish_reason"] = "context"
+                break
+            logits = self.decode(token)
+            stats["decode_steps"] += 1
+            stats["decode_s"] = time.perf_counter() - t1
+
+    def stream(self, prompt: str | Sequence[int] | list[dict], max_new_tokens: int = 128,
+               sampling: SamplingParams | None = None, stop: Sequence[str] = (), chat: bool = False,
+               stats: dict | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (whole UTF-8 characters; stop strings cut out)."""
+        stats = stats if stats is not None else {}
+        ids = self.prompt_ids(prompt, chat)
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopStrings(stop)
+        out_ids = stats.setdefault("token_ids", [])
+        eos = self.eos_token_ids
+        gen = self.generate_ids(ids, max_new_tokens, sampling, eos, stats)
+        for token in gen:
+            out_ids.append(token)
+            if token in eos:
+                continue  # the special token itself is not shown
+            piece = stops.feed(decoder.put(token))
+            if piece:
+                yield piece
+            if stops.hit is not None:
+                stats["finish_reason"] = "stop"
+                stats["stop"] = stops.hit
+                gen.close()
+                return
+        tail = stops.feed(decoder.flush())
+        tail += stops.flush()
+        if stops.hit is not None:
+            stats["finish_reason"] = "stop"
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str | Sequence[int] | list[dict], max_new_tokens: int = 128,
+                 sampling: SamplingParams | None = None, stop: Sequence[str] = (), chat: bool = False,
+                 **sampling_kwargs) -> GenerationResult:
+        """Generate a completion. `prompt`: text, token ids, or chat messages; chat=True wraps text as a user turn."""
+        if sampling is None:
+            sampling = SamplingParams(**sampling_kwargs)
+        stats: dict[str, Any] = {}
+        if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], dict) and not stop \
+                and not self._has_tokenizer():
+            # token ids in, token ids out: no tokenizer needed (weights-less speed artifacts)
+            tokens = list(self.generate_ids(prompt, max_new_tokens, sampling, None, stats))
+            text = ""
+        else:
+            text = "".join(self.stream(prompt, max_new_tokens, sampling, stop, chat, stats))
+            tokens = stats["token_ids"]
+        return GenerationResult(text=text, token_ids=tokens, prompt_tokens=stats["prompt_tokens"],
+                                prefilled_tokens=stats["prefilled_tokens"], finish_reason=stats["finish_reason"],
+                                ttft_s=stats.get("ttft_s", float("nan")), decode_s=stats["decode_s"], timings=stats)

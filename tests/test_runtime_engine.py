@@ -1,0 +1,293 @@
+"""runtime.Engine on a tiny Llama exported for `cpu` by export.export_checkpoint, checked against
+transformers on the same (FP16-rounded) weights; plus the runtime's isolation from torch /
+transformers / the TVM compiler, its CLI and its error messages."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "The capital of France is"
+CONTEXT = 256
+CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_fp16):
+    """(HF folder, artifact folder): 2 layers, hidden 64, the SmolLM2 vocabulary and tokenizer, FP16."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    from export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_runtime")
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                         initializer_range=0.3)  # large weights: varied tokens, clear argmax margins
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape))
+    hf = root / "hf"
+    model.half().save_pretrained(hf)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2_fp16 / f, hf / f)
+    art = root / "art"
+    export_checkpoint(hf, "cpu", art, context_length=CONTEXT, prefill_chunk=CHUNK)
+    return hf, art
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    from runtime.engine import Engine
+
+    return Engine(tiny[1])
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny):
+    import torch
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(str(tiny[0]), dtype=torch.float32).eval()
+
+
+def _hf_greedy(hf_model, ids, n):
+    import torch
+
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
+    return out[0, len(ids):].tolist()
+
+
+def _hf_logits(hf_model, ids):
+    import torch
+
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_greedy_matches_transformers(engine, hf_model):
+    ids = engine.tokenizer.encode(PROMPT)
+    ours = list(engine.generate_ids(ids, 24, stop_token_ids=set()))
+    assert ours == _hf_greedy(hf_model, ids, 24)
+    assert len(set(ours)) > 5  # a model that repeats one token would prove little
+
+
+def test_chunked_prefill_and_decode_logits_match_transformers(engine, hf_model):
+    import torch
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 49152, size=150).tolist()  # > 2 chunks of 64
+    ref = _hf_logits(hf_model, ids)
+    scale = np.abs(ref).max()
+    # the yardstick: how far transformers itself moves when run in FP16 on these weights
+    with torch.no_grad():
+        ref16 = hf_model.half()(torch.tensor([ids])).logits[0].float().numpy()
+    hf_model.float()
+    tol = 3 * np.abs(ref16 - ref).max() / scale + 1e-3
+    ours = engine.prefill_logits(ids)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() / scale < tol
+    # token by token (prefill of one token, then decode steps) gives the same logits
+    engine.reset()
+    steps = [engine.prefill(ids[:1])] + [engine.decode(t) for t in ids[1:40]]
+    assert np.abs(np.stack(steps) - ref[:40]).max() / scale < tol
+    # chunked prefill, then decode, continues like transformers on the whole sequence
+    engine.reset()
+    last = engine.prefill(ids)
+    np.testing.assert_allclose(last, ours[-1], atol=1e-3 * scale)
+    nxt = int(np.argmax(last))
+    step = engine.decode(nxt)
+    ref2 = _hf_logits(hf_model, ids + [nxt])[-1]
+    assert np.abs(step - ref2).max() / scale < tol
+
+
+def test_prefix_reuse_gives_the_same_tokens(engine):
+    engine.reset()
+    first = engine.generate(PROMPT, max_new_tokens=8)
+    assert first.prefilled_tokens == first.prompt_tokens
+    again = engine.generate(PROMPT, max_new_tokens=8)
+    assert again.prefilled_tokens == 1  # the rest came from the KV cache
+    assert again.token_ids == first.token_ids
+    other = engine.generate("A different prompt entirely", max_new_tokens=8)
+    engine.reset()
+    assert engine.generate("A different prompt entirely", max_new_tokens=8).token_ids == other.token_ids
+
+
+def test_chat_turns_reuse_the_cache(tiny, engine):
+    from runtime.chat import ChatSession
+    from runtime.engine import Engine
+
+    s = ChatSession(engine, max_new_tokens=6)
+    s.send("Hello!")
+    _, stats = s.send("And again?")
+    assert stats["prefilled_tokens"] < stats["prompt_tokens"]
+    # a fresh engine given the whole conversation at once answers the same
+    fresh = Engine(tiny[1], verify=False)
+    ref = fresh.generate(s.messages[:-1], max_new_tokens=6)
+    assert ref.text == s.messages[-1]["content"]
+    s.reset()
+    assert engine.cached == []
+
+
+def test_stream_equals_generate_and_stop_strings(engine):
+    g = engine.generate(PROMPT, max_new_tokens=16)
+    assert "".join(engine.stream(PROMPT, max_new_tokens=16)) == g.text
+    stop = g.text[5:9]
+    cut = engine.generate(PROMPT, max_new_tokens=16, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == g.text[:g.text.index(stop)]
+
+
+def test_seeded_sampling_reproducible(engine):
+    a = engine.generate(PROMPT, max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    b = engine.generate(PROMPT, max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    c = engine.generate(PROMPT, max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=8)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_prompt_too_long_is_a_clear_error(engine):
+    with pytest.raises(UserError, match=r"prompt too long: 300 tokens exceed the context length 256"):
+        engine.generate(list(range(3, 303)), max_new_tokens=4)
+    engine.reset()
+    r = engine.generate(list(range(3, 253)), max_new_tokens=50)  # fits, then runs out of context
+    assert r.finish_reason == "context" and r.prompt_tokens + len(r.token_ids) == CONTEXT + 1
+
+
+def _copy(art, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(art, dst)
+    return dst
+
+
+def test_corrupt_files_are_named(tiny, tmp_path):
+    from runtime.engine import Engine
+
+    art = _copy(tiny[1], tmp_path)
+    p = art / "params.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-10] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"params\.safetensors: sha256 differs"):
+        Engine(art)
+    # without the hash check, a truncated file is still caught when read
+    p.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(UserError, match=r"params\.safetensors.*(past the end|not a readable)"):
+        Engine(art, verify=False)
+    # a fresh copy: the library loaded above stays mapped, so it must not be overwritten in place
+    art2 = tmp_path / "art2"
+    shutil.copytree(tiny[1], art2)
+    (art2 / "model.so").unlink()
+    (art2 / "model.so").write_bytes(b"not a library")
+    with pytest.raises(UserError, match=r"model\.so: sha256 differs"):
+        Engine(art2)
+    with pytest.raises(UserError, match=r"model\.so: cannot load"):
+        Engine(art2, verify=False)
+    (art2 / "model.so").unlink()
+    with pytest.raises(UserError, match=r"model\.so: listed in the manifest but missing"):
+        Engine(art2)
+    (art / "manifest.json").write_text("{broken")
+    with pytest.raises(UserError, match=r"manifest\.json: unreadable"):
+        Engine(art)
+
+
+def test_cli_run_and_errors(tiny, engine, capsys):
+    from awq_edge.cli import main
+
+    expected = engine.generate(PROMPT, max_new_tokens=10).text
+    assert main(["run", str(tiny[1]), "--prompt", PROMPT, "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["run", str(tiny[1] / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an awq-edge artifact" in err[0]
+    assert main(["run", str(tiny[1]), "--prompt", "x", "--top-p", "2"]) == 2
+    assert "--top-p" in capsys.readouterr().err
+
+
+BLOCKER = textwrap.dedent("""
+    import sys
+    BLOCKED = ("torch", "transformers", "tvm", "safetensors")
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked for this test: {name}")
+            return None
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def test_runtime_runs_without_torch_transformers_or_tvm_compiler(tiny, engine):
+    """A subprocess where importing torch, transformers, tvm (the compiler) or safetensors fails."""
+    expected = engine.generate(PROMPT, max_new_tokens=10)
+    script = BLOCKER + textwrap.dedent(f"""
+        import json, io, contextlib
+        import runtime, runtime.engine, runtime.cli, runtime.chat, runtime.bench, runtime.bundle, runtime.sampling
+        from runtime.engine import Engine
+        eng = Engine({str(tiny[1])!r})
+        r = eng.generate({PROMPT!r}, max_new_tokens=10)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = runtime.cli.main(["run", {str(tiny[1])!r}, "--prompt", {PROMPT!r}, "--max-new-tokens", "10"])
+        bad = [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+        print(json.dumps({{"ids": r.token_ids, "text": r.text, "cli": buf.getvalue(), "rc": rc, "loaded": bad}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == []
+    assert out["ids"] == expected.token_ids
+    assert out["text"] == expected.text and out["cli"] == expected.text + "\n" and out["rc"] == 0
+
+
+def test_blocker_really_blocks():
+    script = BLOCKER + "import numpy\ntry:\n    import torch\nexcept ImportError:\n    print('blocked')\n"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "blocked"
+
+
+def _fake_wheel(path: Path, files: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+
+
+@pytest.mark.parametrize("target,cuda", [("jetson-orin", True), ("cpu-aarch64", False)])
+def test_bundle_runtime_from_wheel_dir(tmp_path, target, cuda):
+    import tarfile
+
+    from awq_edge.cli import main
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels / "apache_tvm-0.27.0.post1-py3-none-manylinux_2_28_aarch64.whl",
+                {"tvm/lib/libtvm_runtime.so": b"RT", "tvm/lib/libtvm_runtime_cuda.so": b"CU",
+                 "tvm/lib/libtvm_compiler.so": b"BIG"})
+    _fake_wheel(wheels / "apache_tvm_ffi-0.1.15.post2-cp310-cp310-manylinux_2_28_aarch64.whl", {"tvm_ffi/x": b""})
+    out = tmp_path / "rt.tar.gz"
+    assert main(["bundle-runtime", "--target", target, "--out", str(out), "--wheel-dir", str(wheels)]) == 0
+    with tarfile.open(out) as t:
+        names = set(t.getnames())
+    lib = "awq-edge-runtime/runtime/_tvmlib/"
+    assert lib + "libtvm_runtime.so" in names
+    assert (lib + "libtvm_runtime_cuda.so" in names) == cuda
+    assert not any("compiler" in n for n in names)
+    assert "awq-edge-runtime/runtime/engine.py" in names and "awq-edge-runtime/install.sh" in names
+    assert any(n.startswith("awq-edge-runtime/wheels/apache_tvm_ffi-") for n in names)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")] == []
+    assert main(["bundle-runtime", "--target", target, "--out", str(tmp_path / "x.zip"), "--wheel-dir", str(wheels)]) == 2

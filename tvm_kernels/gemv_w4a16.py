@@ -1,0 +1,400 @@
+"""Decode GEMV y[M, N] = x[M, K] @ dequant(W)^T for M = 1..8, INT4 weights in the kernel layout
+(tvm_kernels/layout.py), FP16 activations and output, FP32 accumulation, dequantization in registers.
+
+Why this shape of kernel (CUDA):
+- Decode is bound by reading the weights once. Each thread reads 16 bytes of one row per load (a
+  uint4 = 32 consecutive k), consecutive threads read consecutive 16 bytes (coalesced along K), and a
+  thread covers `rows` rows so the activations it loads and converts are reused across rows.
+- The dequantize path, not memory, limits the stock schedule (dlight W4: ~1.05 TB/s on the H100). Per
+  nibble we spend one shift + one LOP3 + one FADD: OR-ing the nibble into the mantissa of 2^23
+  (0x4B000000) gives the float 2^23 + q exactly, and subtracting (2^23 + z) gives the exact integer
+  q - z without an int->float conversion (I2F runs at a quarter of the FP32 rate). The scale is applied
+  once per 32 elements: sum_k x*(q - z) * s = s * sum_k x*(q - z) within a group.
+- K is split over `tx` lanes of a warp and reduced with warp shuffles (no shared memory, no barrier).
+- Odd shapes stay in this kernel: rows past N are clamped for loading and skipped at the store;
+  chunks past K/32 are predicated off.
+
+CPU (llvm): the same math, rows parallel over cores, the k loop vectorized by the SIMD width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tvm_kernels.errors import UserError
+from tvm_kernels.layout import dequantize_kernel_layout
+from tvm_kernels.targets import DeviceTarget, get_target
+
+MAX_M = 8
+_MAGIC = 0x4B000000  # float32 bits of 2^23
+
+
+def reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """numpy float32 y[M, N] = x @ dequant(W)^T (the kernels round the result to fp16)."""
+    W = dequantize_kernel_layout(weight, scales, zeros, group_size)
+    return np.asarray(x, dtype=np.float32) @ W.T
+
+
+def _check_shape(N: int, K: int, group_size: int, M: int) -> None:
+    if group_size not in (32, 64, 128):
+        raise UserError(f"gemv_w4a16: group size must be 32, 64 or 128, got {group_size}")
+    if N <= 0 or K <= 0 or K % group_size:
+        raise UserError(f"gemv_w4a16: K={K} must be a positive multiple of the group size {group_size} (N={N})")
+    if not 1 <= M <= MAX_M:
+        raise UserError(f"gemv_w4a16: M={M} is a decode batch (1..{MAX_M}); larger M belongs to gemm_w4a16")
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    tx: int  # lanes splitting K (power of two <= 32), reduced by warp shuffles
+    rows: int  # rows per thread (activation reuse)
+    ty: int  # thread rows per block
+    unroll: int  # 16-byte chunks per lane per loop step (loads in flight)
+    ksplit: int = 1  # warps splitting K for the same rows (more loads in flight when K is long), summed in shared memory
+    math: str = "f32"  # "f32": exact (q - z) in fp32 via the 2^23 trick; "f16x2": half2 dequant + FMA
+    f16_words: int = 1  # f16x2: 32-bit words (8 products) summed in fp16 before the fp32 accumulator
+
+
+def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
+    """Tiling from the shape and the target (SM count), chosen from H100 sweeps (benchmarks/kernels.py)."""
+    chunks = K // 32
+    tx = 32
+    while tx > 4 and tx > chunks:
+        tx //= 2
+    rows = 2 if M <= 4 else 1
+    ty = max(1, 128 // tx)
+    # long rows (down_proj, K = 11008): split K over warps so each warp has fewer dependent steps
+    ksplit = 1
+    while ksplit < 4 and chunks > 8 * tx * ksplit:
+        ksplit *= 2
+    # at least two waves of blocks; fewer rows per thread when the matrix is short
+    while rows > 1 and -(-N // (ty * rows)) < 2 * max(target.num_sms, 1):
+        rows //= 2
+    iters = -(-chunks // (tx * ksplit))
+    return CudaConfig(tx=tx, rows=rows, ty=ty, unroll=min(4, iters), ksplit=ksplit)
+
+
+def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
+    from tvm.script import tirx as T
+
+    TX, R, TY, U, KS = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit
+    CH = K // 32  # 16-byte chunks per row
+    CPG = G // 32  # chunks per group
+    ITERS = -(-CH // (TX * KS))
+    OUTER = -(-ITERS // U)
+    K_TAIL = OUTER * U * TX * KS != CH  # some lanes have no chunk in the last step
+    ROWS_PER_BLOCK = TY * R
+    NB = -(-N // ROWS_PER_BLOCK)
+    KW, NG = K // 8, K // G
+    SHUFFLES = [TX >> (i + 1) for i in range(TX.bit_length() - 1)]
+
+    @T.prim_func(s_tir=True)
+    def gemv(
+        x: T.Buffer((M, K), "float16"),
+        weight: T.Buffer((N, KW), "uint32"),
+        scales: T.Buffer((N, NG), "float16"),
+        zeros: T.Buffer((N, NG), "float16"),
+        y: T.Buffer((M, N), "float16"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for bx in T.thread_binding(NB, thread="blockIdx.x"):
+            for ty in T.thread_binding(TY * KS, thread="threadIdx.y"):
+                for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                    with T.sblock("gemv"):
+                        acc = T.sblock_alloc_buffer((M, R), "float32", scope="local")
+                        part = T.sblock_alloc_buffer((M, R), "float32", scope="local")
+                        wv = T.sblock_alloc_buffer((U, R, 4), "uint32", scope="local")
+                        sz = T.sblock_alloc_buffer((U, R, 2), "float32", scope="local")
+                        d = T.sblock_alloc_buffer((R, 8), "float32", scope="local")
+                        xv = T.sblock_alloc_buffer((8,), "float16", scope="local")
+                        red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        ksum = T.sblock_alloc_buffer((KS, TY, M, R), "float32", scope="shared")
+                        for m, r in T.grid(M, R):
+                            acc[m, r] = T.float32(0)
+                        for o in T.serial(OUTER):
+                            # issue every load of this step before any math: U * R * 16 bytes in flight
+                            for u in T.unroll(U):
+                                for r in T.unroll(R):
+                                    if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                        for v in T.vectorized(4):
+                                            wv[u, r, v] = weight[
+                                                T.min((bx * TY + ty % TY) * R + r, N - 1),
+                                                (((o * U + u) * KS + ty // TY) * TX + tx) * 4 + v,
+                                            ]
+                                        sz[u, r, 0] = T.Cast("float32", scales[
+                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG])
+                                        sz[u, r, 1] = T.Cast("float32", zeros[
+                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG]) + T.float32(8388608.0)
+                            for u in T.unroll(U):
+                                if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                    for m, r in T.grid(M, R):
+                                        part[m, r] = T.float32(0)
+                                    for j in T.unroll(4):
+                                        for r in T.unroll(R):
+                                            for e in T.unroll(8):
+                                                d[r, e] = T.reinterpret(
+                                                    "float32",
+                                                    T.bitwise_or(
+                                                        T.bitwise_and(
+                                                            T.shift_right(wv[u, r, j], T.uint32(4 * e)), T.uint32(15)
+                                                        ),
+                                                        T.uint32(_MAGIC),
+                                                    ),
+                                                ) - sz[u, r, 1]
+                                        for m in T.unroll(M):
+                                            for e in T.vectorized(8):
+                                                xv[e] = x[m, (((o * U + u) * KS + ty // TY) * TX + tx) * 32 + j * 8 + e]
+                                            for r in T.unroll(R):
+                                                for e in T.unroll(8):
+                                                    part[m, r] = part[m, r] + T.Cast("float32", xv[e]) * d[r, e]
+                                    for m, r in T.grid(M, R):
+                                        acc[m, r] = acc[m, r] + part[m, r] * sz[u, r, 0]
+                        for m in T.unroll(M):
+                            for r in T.unroll(R):
+                                red[0] = acc[m, r]
+                                for s in T.unroll(len(SHUFFLES)):
+                                    red[0] = red[0] + T.tvm_warp_shuffle_xor(
+                                        T.tvm_warp_activemask(), red[0], T.shift_right(TX, s + 1), TX, 32
+                                    )
+                                if KS == 1:
+                                    if tx == 0 and (bx * TY + ty % TY) * R + r < N:
+                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
+                                else:
+                                    if tx == 0:
+                                        ksum[ty // TY, ty % TY, m, r] = red[0]
+                        if KS > 1:
+                            # the K slices of one row live in different warps: combine through shared memory
+                            T.tvm_storage_sync("shared")
+                            for m in T.unroll(M):
+                                for r in T.unroll(R):
+                                    if ty // TY == 0 and tx == 0 and (bx * TY + ty % TY) * R + r < N:
+                                        red[0] = ksum[0, ty % TY, m, r]
+                                        for kz in T.unroll(1, KS):
+                                            red[0] = red[0] + ksum[kz, ty % TY, m, r]
+                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
+
+    return gemv
+
+
+# f16x2 inner step (CUDA device code called from the TIR kernel): one 32-bit word = 8 nibbles against 8
+# activations. (w >> 4j) & 0x000F000F | 0x64006400 is the half2 (1024 + q_j, 1024 + q_{j+4}) with no
+# int->float conversion; subtracting the half2 (1024 + z) leaves the exact integers q - z; HFMA2 then does
+# two products per instruction. Activations arrive pre-paired as (x_j, x_{j+4}) by __byte_perm.
+_H2_SOURCE = r"""
+__device__ __forceinline__ unsigned awq_w4_fma8(unsigned w, unsigned x0, unsigned x1, unsigned x2, unsigned x3,
+                                                unsigned zz, unsigned acc) {
+  half2 a = *reinterpret_cast<half2*>(&acc);
+  const half2 z = *reinterpret_cast<const half2*>(&zz);
+  unsigned q0 = (w & 0x000F000Fu) | 0x64006400u;
+  unsigned q1 = ((w >> 4) & 0x000F000Fu) | 0x64006400u;
+  unsigned q2 = ((w >> 8) & 0x000F000Fu) | 0x64006400u;
+  unsigned q3 = ((w >> 12) & 0x000F000Fu) | 0x64006400u;
+  a = __hfma2(*reinterpret_cast<const half2*>(&x0), __hsub2(*reinterpret_cast<const half2*>(&q0), z), a);
+  a = __hfma2(*reinterpret_cast<const half2*>(&x1), __hsub2(*reinterpret_cast<const half2*>(&q1), z), a);
+  a = __hfma2(*reinterpret_cast<const half2*>(&x2), __hsub2(*reinterpret_cast<const half2*>(&q2), z), a);
+  a = __hfma2(*reinterpret_cast<const half2*>(&x3), __hsub2(*reinterpret_cast<const half2*>(&q3), z), a);
+  return *reinterpret_cast<unsigned*>(&a);
+}
+"""
+_H2SUM_SOURCE = r"""
+__device__ __forceinline__ float awq_h2_sum(unsigned acc) {
+  const float2 f = __half22float2(*reinterpret_cast<const half2*>(&acc));
+  return f.x + f.y;
+}
+"""
+
+
+def _cuda_kernel_h2(N: int, K: int, G: int, M: int, cfg: CudaConfig):
+    from tvm.script import tirx as T
+
+    TX, R, TY, U, KS, FW = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit, cfg.f16_words
+    if FW not in (1, 2, 4):
+        raise UserError(f"gemv_w4a16: f16_words must be 1, 2 or 4, got {FW}")
+    CH = K // 32
+    CPG = G // 32
+    ITERS = -(-CH // (TX * KS))
+    OUTER = -(-ITERS // U)
+    K_TAIL = OUTER * U * TX * KS != CH
+    ROWS_PER_BLOCK = TY * R
+    NB = -(-N // ROWS_PER_BLOCK)
+    KW, NG = K // 8, K // G
+    NSHUF = TX.bit_length() - 1
+
+    @T.prim_func(s_tir=True)
+    def gemv(
+        x: T.Buffer((M, K), "float16"),
+        weight: T.Buffer((N, KW), "uint32"),
+        scales: T.Buffer((N, NG), "float16"),
+        zeros: T.Buffer((N, NG), "float16"),
+        y: T.Buffer((M, N), "float16"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xu = T.decl_buffer((M, K // 2), "uint32", data=x.data)
+        for bx in T.thread_binding(NB, thread="blockIdx.x"):
+            for ty in T.thread_binding(TY * KS, thread="threadIdx.y"):
+                for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                    with T.sblock("gemv"):
+                        acc = T.sblock_alloc_buffer((M, R), "float32", scope="local")
+                        part = T.sblock_alloc_buffer((M, R), "float32", scope="local")
+                        h = T.sblock_alloc_buffer((M, R), "uint32", scope="local")
+                        wv = T.sblock_alloc_buffer((U, R, 4), "uint32", scope="local")
+                        sc = T.sblock_alloc_buffer((U, R), "float32", scope="local")
+                        zz = T.sblock_alloc_buffer((U, R), "uint32", scope="local")
+                        xw = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                        xp = T.sblock_alloc_buffer((M, 4), "uint32", scope="local")
+                        red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        ksum = T.sblock_alloc_buffer((KS, TY, M, R), "float32", scope="shared")
+                        for m, r in T.grid(M, R):
+                            acc[m, r] = T.float32(0)
+                        for o in T.serial(OUTER):
+                            for u in T.unroll(U):
+                                for r in T.unroll(R):
+                                    if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                        for v in T.vectorized(4):
+                                            wv[u, r, v] = weight[
+                                                T.min((bx * TY + ty % TY) * R + r, N - 1),
+                                                (((o * U + u) * KS + ty // TY) * TX + tx) * 4 + v,
+                                            ]
+                                        sc[u, r] = T.Cast("float32", scales[
+                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG])
+                                        zz[u, r] = (T.Cast("uint32", zeros[
+                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG])
+                                            + T.uint32(0x6400)) * T.uint32(0x00010001)
+                            for u in T.unroll(U):
+                                if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                    for m, r in T.grid(M, R):
+                                        part[m, r] = T.float32(0)
+                                        h[m, r] = T.uint32(0)
+                                    for j in T.unroll(4):
+                                        for m in T.unroll(M):
+                                            for v in T.vectorized(4):
+                                                xw[v] = xu[m, (((o * U + u) * KS + ty // TY) * TX + tx) * 16 + j * 4 + v]
+                                            for jj in T.unroll(4):
+                                                xp[m, jj] = T.call_pure_extern(
+                                                    "uint32", "__byte_perm", xw[jj // 2], xw[jj // 2 + 2],
+                                                    T.if_then_else(jj % 2 == 0, T.uint32(0x5410), T.uint32(0x7632)),
+                                                )
+                                            for r in T.unroll(R):
+                                                h[m, r] = T.cuda.func_call(
+                                                    "awq_w4_fma8", wv[u, r, j], xp[m, 0], xp[m, 1], xp[m, 2], xp[m, 3],
+                                                    zz[u, r], h[m, r], source_code=_H2_SOURCE, return_type="uint32",
+                                                )
+                                        if (j + 1) % FW == 0:
+                                            for m, r in T.grid(M, R):
+                                                part[m, r] = part[m, r] + T.cuda.func_call(
+                                                    "awq_h2_sum", h[m, r], source_code=_H2SUM_SOURCE, return_type="float32")
+                                                h[m, r] = T.uint32(0)
+                                    for m, r in T.grid(M, R):
+                                        acc[m, r] = acc[m, r] + part[m, r] * sc[u, r]
+                        for m in T.unroll(M):
+                            for r in T.unroll(R):
+                                red[0] = acc[m, r]
+                                for s in T.unroll(NSHUF):
+                                    red[0] = red[0] + T.tvm_warp_shuffle_xor(
+                                        T.tvm_warp_activemask(), red[0], T.shift_right(TX, s + 1), TX, 32
+                                    )
+                                if KS == 1:
+                                    if tx == 0 and (bx * TY + ty % TY) * R + r < N:
+                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
+                                else:
+                                    if tx == 0:
+                                        ksum[ty // TY, ty % TY, m, r] = red[0]
+                        if KS > 1:
+                            # the K slices of one row live in different warps: combine through shared memory
+                            T.tvm_storage_sync("shared")
+                            for m in T.unroll(M):
+                                for r in T.unroll(R):
+                                    if ty // TY == 0 and tx == 0 and (bx * TY + ty % TY) * R + r < N:
+                                        red[0] = ksum[0, ty % TY, m, r]
+                                        for kz in T.unroll(1, KS):
+                                            red[0] = red[0] + ksum[kz, ty % TY, m, r]
+                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
+
+    return gemv
+
+
+def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
+    from tvm.script import tirx as T
+
+    V = max(4, target.vector_bytes // 4)  # fp32 lanes per SIMD register
+    while G % V:
+        V //= 2
+    NG, KW = K // G, K // 8
+    WPV = V // 8 if V >= 8 else 1  # words per vector step (8 nibbles per word)
+    STEPS = G // V
+
+    @T.prim_func(s_tir=True)
+    def gemv(
+        x: T.Buffer((M, K), "float16"),
+        weight: T.Buffer((N, KW), "uint32"),
+        scales: T.Buffer((N, NG), "float16"),
+        zeros: T.Buffer((N, NG), "float16"),
+        y: T.Buffer((M, N), "float16"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xf = T.alloc_buffer((M, K), "float32")
+        # activations converted once (shared by all N rows), not per row
+        for m, k in T.grid(M, K):
+            with T.sblock("xf"):
+                vm, vk = T.axis.remap("SS", [m, k])
+                xf[vm, vk] = T.Cast("float32", x[vm, vk])
+        for n in T.parallel(N):
+            with T.sblock("row"):
+                vn = T.axis.spatial(N, n)
+                acc = T.sblock_alloc_buffer((M, V), "float32", scope="local")
+                part = T.sblock_alloc_buffer((M, V), "float32", scope="local")
+                d = T.sblock_alloc_buffer((V,), "float32", scope="local")
+                for m in T.serial(M):
+                    for v in T.vectorized(V):
+                        acc[m, v] = T.float32(0)
+                for g in T.serial(NG):
+                    for m in T.serial(M):
+                        for v in T.vectorized(V):
+                            part[m, v] = T.float32(0)
+                    for st in T.serial(STEPS):
+                        for v in T.vectorized(V):
+                            d[v] = T.Cast(
+                                "float32",
+                                T.bitwise_and(
+                                    T.shift_right(
+                                        weight[vn, (g * G + st * V + v) // 8],
+                                        T.Cast("uint32", ((g * G + st * V + v) % 8) * 4),
+                                    ),
+                                    T.uint32(15),
+                                ),
+                            ) - T.Cast("float32", zeros[vn, g])
+                        for m in T.serial(M):
+                            for v in T.vectorized(V):
+                                part[m, v] = part[m, v] + xf[m, g * G + st * V + v] * d[v]
+                    for m in T.serial(M):
+                        for v in T.vectorized(V):
+                            acc[m, v] = acc[m, v] + part[m, v] * T.Cast("float32", scales[vn, g])
+                for m in T.serial(M):
+                    with T.sblock("out"):
+                        red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        ksum = T.sblock_alloc_buffer((KS, TY, M, R), "float32", scope="shared")
+                        red[0] = T.float32(0)
+                        for v in T.serial(V):
+                            red[0] = red[0] + acc[m, v]
+                        y[m, vn] = T.Cast("float16", red[0])
+
+    del WPV
+    return gemv
+
+
+def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: CudaConfig | None = None):
+    """A scheduled TIR PrimFunc (x f16 [M, K], weight u32 [N, K/8], scales f16 [N, K/G], zeros f16 [N, K/G],
+    y f16 [M, N]) for `target` (a name from tvm_kernels.targets or a DeviceTarget).
+    `config` overrides the CUDA tiling (benchmarks sweep it)."""
+    N, K, group_size, M = int(N), int(K), int(group_size), int(M)
+    _check_shape(N, K, group_size, M)
+    t = get_target(target)
+    if t.is_cuda:
+        cfg = config or cuda_config(N, K, M, t)
+        if cfg.math == "f16x2":
+            return _cuda_kernel_h2(N, K, group_size, M, cfg)
+        if cfg.math != "f32":
+            raise UserError(f"gemv_w4a16: unknown math {cfg.math!r} (f32 or f16x2)")
+        return _cuda_kernel(N, K, group_size, M, cfg)
+    return _cpu_kernel(N, K, group_size, M, t)
