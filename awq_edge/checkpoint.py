@@ -90,16 +90,18 @@ def _legacy_rope_fields(d: dict[str, Any]) -> None:
 
 def legacy_compatible_config(d: dict[str, Any], dtype: str = "float16") -> dict[str, Any]:
     d = json.loads(json.dumps(d))
-    for sub in [d] + [v for k, v in d.items() if k.endswith("_config") and isinstance(v, dict) and "model_type" in v]:
-        _legacy_rope_fields(sub)
-    d["torch_dtype"] = d["dtype"] = dtype
     text = d.get("text_config")
-    if isinstance(text, dict):
-        text["torch_dtype"] = text["dtype"] = dtype
-        if d.get("model_type") in _FLAT_TEXT_CONFIG_TYPES:
-            for k, v in text.items():
-                if k not in ("model_type", "architectures"):
-                    d.setdefault(k, v)
+    for sub in (d, text):
+        if isinstance(sub, dict):
+            _legacy_rope_fields(sub)
+            sub["torch_dtype"] = sub["dtype"] = dtype
+    if isinstance(text, dict) and d.get("model_type") in _FLAT_TEXT_CONFIG_TYPES:
+        # 4.x keeps a nested text_config as a plain dict there and fails on it; 5.x rebuilds
+        # text_config from these top-level fields (the layout of the published checkpoints).
+        del d["text_config"]
+        for k, v in text.items():
+            if k not in ("model_type", "architectures"):
+                d.setdefault(k, v)
     return d
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect as _inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -373,16 +373,18 @@ def _skipped(adapter: Adapter, full_name: str) -> bool:
 
 @torch.no_grad()
 def quantize_model(model, adapter: Adapter, calib_ids: torch.LongTensor | None, cfg: QuantConfig,
-                   device: str = "cpu", progress: bool = True) -> dict[str, QuantizedLinear]:
+                   device: str = "cpu", progress: bool = True,
+                   on_layer: Callable[[int], None] | None = None) -> dict[str, QuantizedLinear]:
+    """Quantize every decoder layer's linears in place (fake-quant weights) and return the integers.
+
+    `on_layer(i)` is called after layer i is done (benchmarks time layers with it).
+    """
     from tqdm.auto import tqdm
 
     _check(model, adapter, calib_ids, cfg)
     device = torch.device(device)
     layers = get_layers(model, adapter)
     model_device = next(model.parameters()).device
-    # CPU matmuls in fp16 are slow and imprecise; GPUs compute in the model's own dtype.
-    def compute_dtype(orig):
-        return torch.float32 if device.type == "cpu" else orig
 
     hidden, calls = None, None
     if cfg.method == "awq":
@@ -396,7 +398,7 @@ def quantize_model(model, adapter: Adapter, calib_ids: torch.LongTensor | None, 
     for i in bar:
         layer = layers[i]
         orig_dtype = next(layer.parameters()).dtype
-        dtype = compute_dtype(orig_dtype)
+        dtype = _compute_dtype(device, orig_dtype)
         layer.to(device=device, dtype=dtype)
         names = {rel: f"{adapter.layers_path}.{i}.{rel}" for rel in adapter.linear_names()}
         names = {rel: full for rel, full in names.items() if not _skipped(adapter, full)}
@@ -411,9 +413,14 @@ def quantize_model(model, adapter: Adapter, calib_ids: torch.LongTensor | None, 
                 hidden = [_run_layer(layer, h, calls[c][i], device, dtype) for c, h in enumerate(hidden)]
         finally:
             layer.to(device=model_device, dtype=orig_dtype)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if on_layer is not None:
+            on_layer(i)
     return results
+
+
+def _compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    # CPU matmuls in fp16 are slow and imprecise; GPUs compute in the model's own dtype.
+    return torch.float32 if device.type == "cpu" else model_dtype
 
 
 def _run_layer(layer, h, call, device, dtype):

@@ -64,17 +64,11 @@ def _sweep_configs():
     """(M, config) tiling/math variants of the Llama-2-7B GEMVs, timed side by side (--sweep)."""
     from tvm_kernels.gemv_w4a16 import CudaConfig as C
 
-    out = []
-    for M in (1,):
-        out += [(M, C(32, 2, 4, 4)), (M, C(32, 2, 4, 2, ksplit=2)), (M, C(32, 2, 4, 4, ksplit=2)),
-                (M, C(32, 2, 2, 2, ksplit=4))]
-        for fw in (1, 4):
-            out += [(M, C(32, r, ty, u, ksplit=ks, math="f16x2", f16_words=fw))
-                    for r, ty, u, ks in ((2, 4, 4, 1), (2, 4, 2, 2), (4, 4, 2, 1), (2, 4, 4, 2), (1, 4, 4, 2))]
+    out = [(1, C(32, 2, 4, 4, ksplit=2, math="f32"))]
+    out += [(1, C(32, r, ty, u, ksplit=ks)) for r, ty, u, ks in
+            ((2, 4, 4, 1), (4, 4, 2, 1), (2, 4, 2, 2), (2, 4, 4, 2), (1, 8, 4, 1), (2, 8, 4, 1), (4, 2, 4, 1))]
     for M in (4, 8):
-        out += [(M, C(32, 1, 4, 4)), (M, C(32, 2, 4, 2)), (M, C(32, 2, 4, 2, math="f16x2")),
-                (M, C(32, 1, 4, 4, math="f16x2")), (M, C(32, 4, 4, 2, math="f16x2")),
-                (M, C(32, 2, 4, 2, ksplit=2, math="f16x2"))]
+        out += [(M, C(32, r, ty, u)) for r, ty, u in ((4, 4, 2), (8, 4, 2), (4, 2, 2), (8, 2, 1))]
     return out
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ROWS = {  # name -> (method, bits); None = the FP16 model itself
+ROWS = {  # name -> (method, bits); None = the FP16 model itself. Cheap rows first.
     "fp16": None,
     "rtn4": ("rtn", 4),
-    "awq4": ("awq", 4),
     "rtn3": ("rtn", 3),
+    "awq4": ("awq", 4),
     "awq3": ("awq", 3),
 }
+TABLE_ORDER = ("fp16", "rtn4", "awq4", "rtn3", "awq3")
 LABELS = {"fp16": "FP16", "rtn4": "RTN-INT4", "awq4": "AWQ-INT4", "rtn3": "RTN-INT3", "awq3": "AWQ-INT3"}
 # Published / reference figures for the same model and settings (g64, 40 x 512; not our measurements).
 PUBLISHED = {
@@ -51,6 +52,17 @@ def git_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def source_digest() -> str:
+    """sha256 of the quantizer sources: the commit may not hold uncommitted work a row ran with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in ("awq_edge/quantizer.py", "awq_edge/adapters.py", "awq_edge/checkpoint.py", "awq_edge/evaluate.py"):
+        f = REPO / rel
+        h.update(f.read_bytes() if f.is_file() else b"")
+    return h.hexdigest()[:16]
 
 
 def device_info(device: str) -> dict:
@@ -87,7 +99,7 @@ def summarize(rows: dict) -> dict:
 
 def print_table(rows: dict, summary: dict) -> None:
     print(f"\n{'row':10s} {'PPL':>9s} {'published':>10s} {'quant s':>8s} {'eval s':>7s}")
-    for name in ROWS:
+    for name in TABLE_ORDER:
         if name not in rows:
             continue
         r = rows[name]
@@ -104,6 +116,27 @@ def print_table(rows: dict, summary: dict) -> None:
               f"{'at least as good' if s['at_least_as_good'] else 'worse'}")
 
 
+def combine(files: list[str], out_path: Path) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    settings = parts[0]["settings"]
+    for f, part in zip(files, parts):
+        if part["settings"] != settings:
+            sys.exit(f"--combine: {f} was made with other settings {part['settings']}")
+    record = dict(parts[0])
+    record["command"] = [part["command"] for part in parts]
+    record["commit"] = sorted({part["commit"] for part in parts})
+    record["rows"] = {}
+    for part in parts:
+        for name, row in part["rows"].items():
+            record["rows"][name] = {**row, "command": part["command"], "commit": part["commit"]}
+    record["combined_from"] = [str(Path(f).name) for f in files]
+    record["summary"] = summarize(record["rows"])
+    out_path.write_text(json.dumps(record, indent=2) + "\n")
+    print_table(record["rows"], record["summary"])
+    print(f"wrote {out_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
@@ -114,7 +147,12 @@ def main(argv=None) -> int:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--device", default="cpu", help="where quantization runs (eval runs there too; float32 on CPU)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_smollm2.json"))
+    p.add_argument("--merge", action="store_true", help="keep the other rows already in --out (re-run only --rows)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="only merge result files of runs made with the "
+                   "same settings (rows run as separate processes) into --out and print the table")
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, Path(args.out))
     rows_wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows_wanted if r not in ROWS]
     if unknown:
@@ -147,6 +185,12 @@ def main(argv=None) -> int:
     }
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out_path.is_file():
+        old = json.loads(out_path.read_text())
+        if old.get("settings") != record["settings"]:
+            p.error(f"--merge: {out_path} was made with other settings {old.get('settings')}")
+        record["rows"] = {k: v for k, v in old.get("rows", {}).items() if k not in rows_wanted}
+        record["earlier_commands"] = old.get("earlier_commands", []) + [old.get("command")]
 
     def save():
         record["summary"] = summarize(record["rows"])
@@ -179,6 +223,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             row.update(perplexity(model, tokens, seqlen=args.seqlen, windows=args.windows, device=args.device))
             row["eval_seconds"] = round(time.perf_counter() - t, 1)
+            row["source_digest"] = source_digest()
+            row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             del model
         record["rows"][name] = row
         print(f"{LABELS[name]}: PPL {row['ppl']:.3f}", flush=True)

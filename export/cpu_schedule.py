@@ -57,7 +57,7 @@ def _rules():
         loops = sch.get_loops(info.block_rv)
         s = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         _, ki = sch.split(loops[-1], factors=[None, lanes])
-        rf = sch.rfactor(ki, factor_axis=1)
+        rf = sch.rfactor(ki, factor_axis=-1)  # lanes innermost: contiguous partial sums
         sch.vectorize(sch.get_loops(rf)[-1])
         sch.parallel(sch.get_loops(rf)[0])
         sch.parallel(sch.get_loops(info.block_rv)[0])

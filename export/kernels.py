@@ -21,19 +21,42 @@ def make_linear_op(provider: str, target):
     return _tvm_kernels_linear(target) if provider == "tvm_kernels" else _dequant_linear
 
 
+def matmul_nt(x, weight, out_dtype: str = "float32"):
+    """y[..., n] = sum_k x[..., k] * weight[n, k] accumulated in float32, as one TE op: no transposed
+    copy of the weight (relax's matmul(x, permute_dims(w)) materializes one per call unless a
+    separate pass fuses it)."""
+    from tvm import te
+    from tvm.relax.frontend.nn import op
+
+    def f(a, w):
+        K = a.shape[-1]
+        k = te.reduce_axis((0, K), name="k")
+        return te.compute(
+            (*a.shape[:-1], w.shape[0]),
+            lambda *i: te.sum(a[(*i[:-1], k)].astype("float32") * w[i[-1], k].astype("float32"), axis=k),
+            name="matmul")
+
+    y = op.tensor_expr_op(f, "matmul_nt", [x, weight])
+    return y if out_dtype == "float32" else y.astype(out_dtype)
+
+
 def _dequant_linear(x, weight, scales, zeros, N: int, K: int, G: int):
     from tvm import te, tirx
     from tvm.relax.frontend.nn import op
 
-    def dequantize(w, s, z):
-        def f(n, k):
-            q = (w[n, k // 8] >> tirx.Cast("uint32", (k % 8) * 4)) & tirx.const(0xF, "uint32")
-            return (q.astype("float16") - z[n, k // G]) * s[n, k // G]
+    def f(a, w, s, z):
+        k = te.reduce_axis((0, K), name="k")
 
-        return te.compute((N, K), f, name="dequantize")
+        def deq(n, kk):
+            q = (w[n, kk // 8] >> tirx.Cast("uint32", (kk % 8) * 4)) & tirx.const(0xF, "uint32")
+            return (q.astype("float16") - z[n, kk // G]) * s[n, kk // G]
 
-    w = op.tensor_expr_op(dequantize, "dequantize", [weight, scales, zeros])
-    return op.matmul(x, op.permute_dims(w), out_dtype="float32").astype("float16")
+        return te.compute(
+            (a.shape[0], N),
+            lambda m, n: te.sum(a[m, k].astype("float32") * deq(n, k).astype("float32"), axis=k),
+            name="dequant_matmul")
+
+    return op.tensor_expr_op(f, "dequant_matmul", [x, weight, scales, zeros]).astype("float16")
 
 
 def _tvm_kernels_linear(target):
@@ -50,7 +73,8 @@ def _tvm_kernels_linear(target):
         key = (N, K, G, decode)
         if key not in cache:
             f = gemv_w4a16(N, K, G, target, M=1) if decode else gemm_w4a16(N, K, G, target)
-            cache[key] = f.with_attr("op_pattern", _OPAQUE)
+            # The builders name their PrimFunc "main"; the module gives each its own symbol.
+            cache[key] = f.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
         return cache[key]
 
     def linear(x, weight, scales, zeros, N: int, K: int, G: int):

@@ -135,6 +135,8 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None):
     from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
     from tvm.target import Target
 
+    from export.kernels import matmul_nt
+
     class W4Linear(nn.Module):
         """y = x @ W^T (+ b) with W in the kernels' W4A16 layout."""
 
@@ -161,7 +163,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None):
             self.bias = nn.Parameter((out_features,), "float16") if bias else None
 
         def forward(self, x):
-            y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32").astype("float16")
+            y = matmul_nt(x, self.weight, "float16")
             return y if self.bias is None else y + self.bias
 
     def linear(k: int, n: int, bias: bool):
@@ -226,7 +228,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None):
         def _logits(self, h):
             w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
             # float32 accumulation: logits feed argmax/sampling and perplexity directly.
-            return op.matmul(h, op.permute_dims(w), out_dtype="float32")
+            return matmul_nt(h, w, "float32")
 
         def embed(self, input_ids):
             return self.model.embed_tokens(input_ids)

@@ -129,7 +129,7 @@ class Engine:
         return out
 
     def sync(self):
-        self._sync(self.device, None)
+        self._sync(self.device, 0)
 
     def _load_params(self, synthesize: bool, seed: int):
         m = self.manifest

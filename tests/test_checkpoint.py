@@ -155,7 +155,7 @@ def test_config_fields_for_4x_loaders(family, theta, tmp_path, smollm2_fp16):
     if family == "gemma3":
         assert text["rope_local_base_freq"] == 10000.0
     if family == "qwen2_5_vl":
-        assert d["hidden_size"] == d["text_config"]["hidden_size"]
+        assert d["hidden_size"] == 128 and "text_config" not in d  # the flat layout 4.x reads
         assert d["rope_scaling"]["mrope_section"] == [4, 6, 6]
     tc = json.loads((tmp_path / "ck" / "tokenizer_config.json").read_text())
     assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -264,3 +264,78 @@ def test_refuses_non_empty_output(tmp_path):
         save_tiny("llama", out)
     assert (out / "keep.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp folder left behind
+
+
+# --------------------------------------------------------------------------- a real transformers 4.x
+TF4_SPEC = ("transformers==4.51.3", "tokenizers==0.21.1", "huggingface_hub==0.30.2")
+TF4_DIR = Path(__file__).resolve().parent.parent / ".cache" / "transformers-4.51.3"
+TF4_SCRIPT = r"""
+import json, sys, torch, transformers
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+for path in sys.argv[1:]:
+    c = AutoConfig.from_pretrained(path)
+    text = c.get_text_config()
+    with torch.device("meta"):
+        m = getattr(transformers, c.architectures[0])._from_config(c)
+    want = set(m.state_dict())
+    with safe_open(path + "/model.safetensors", "pt") as h:
+        have = {k.replace(".qweight", ".weight") for k in h.keys() if not k.endswith((".qzeros", ".scales"))}
+    tok = AutoTokenizer.from_pretrained(path)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    print(json.dumps({"version": transformers.__version__, "rope_theta": text.rope_theta,
+                      "torch_dtype": str(c.torch_dtype), "bits": c.quantization_config["bits"],
+                      "missing": sorted(want - have), "unexpected": sorted(have - want),
+                      "tokenizer": type(tok).__name__, "ids": tok("The capital of France")["input_ids"], "chat": chat}))
+"""
+
+
+@pytest.fixture(scope="module")
+def transformers_4x() -> Path:
+    """transformers 4.51.3 in a side folder (PYTHONPATH), the version vLLM/AutoAWQ users pin."""
+    import subprocess
+    import sys
+
+    if not (TF4_DIR / "transformers").is_dir():
+        tmp = TF4_DIR.with_name(TF4_DIR.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp), *TF4_SPEC],
+                           check=True, capture_output=True, timeout=240)
+        except (subprocess.SubprocessError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            pytest.skip(f"cannot install {TF4_SPEC[0]} here ({type(e).__name__})")
+        tmp.rename(TF4_DIR)
+    return TF4_DIR
+
+
+def test_checkpoint_reads_under_transformers_4x(tmp_path, smollm2_fp16, transformers_4x):
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    cases = {"llama": 12345.0, "gemma3": 1_000_000.0, "qwen2_5_vl": 10000.0}
+    for family, theta in cases.items():
+        overrides = {"rope_parameters": {"rope_type": "default", "rope_theta": theta}} if family == "llama" else {}
+        save_tiny(family, tmp_path / family, src_dir=smollm2_fp16, **overrides)
+    env = dict(os.environ, PYTHONPATH=str(transformers_4x), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", TF4_SCRIPT, *(str(tmp_path / f) for f in cases)], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(cases)
+    tok5 = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    chat5 = tok5.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    for (family, theta), got in zip(cases.items(), results):
+        assert got["version"] == "4.51.3"
+        assert got["rope_theta"] == theta, family  # 4.x falls back to 10000 when the field is missing
+        assert got["torch_dtype"] == "torch.float16" and got["bits"] == 4
+        # Every tensor name is one 4.x expects (a tied lm_head is the only one absent, on purpose).
+        assert got["unexpected"] == [] and set(got["missing"]) <= {"lm_head.weight"}, family
+        assert got["tokenizer"] == "PreTrainedTokenizerFast"
+        assert got["ids"] == tok5("The capital of France")["input_ids"]
+        assert got["chat"] == chat5

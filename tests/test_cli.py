@@ -200,3 +200,21 @@ def test_real_cli_process_truncated_safetensors(tmp_path, tiny_dir, calib_file):
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert_one_line_error(p.returncode, p.stderr, "model.safetensors", "truncated")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "opt"])
+def test_quantize_and_eval_other_families(family, tmp_path, capfd, smollm2_fp16, calib_file):
+    """Every family goes through the CLI: folder -> checkpoint -> eval (AWQ on one tiny block set)."""
+    model, _ = tiny_model(family)
+    model.resize_token_embeddings(49152)  # SmolLM2's tokenizer drives the CLI
+    src = _save_model_dir(model, tmp_path / "src", smollm2_fp16)
+    out = tmp_path / "ck"
+    rc, _, err = run_cli(capfd, "quantize", src, "--out", out, "--group-size", 64, "--calib", calib_file,
+                         "--calib-samples", 2, "--calib-seqlen", 32, "--device", "cpu")
+    assert rc == 0, err
+    data = tmp_path / "text.raw"
+    data.write_text(" The game was released in Japan in 2011 and sold well .\n" * 20)
+    js = tmp_path / "ppl.json"
+    rc, _, err = run_cli(capfd, "eval", out, "--data", data, "--seqlen", 32, "--windows", 2, "--device", "cpu", "--json", js)
+    assert rc == 0, err
+    assert math.isfinite(json.loads(js.read_text())["ppl"])

@@ -246,7 +246,11 @@ def test_runtime_runs_without_torch_transformers_or_tvm_compiler(tiny, engine):
         bad = [m for m in sys.modules if m.split(".")[0] in BLOCKED]
         print(json.dumps({{"ids": r.token_ids, "text": r.text, "cli": buf.getvalue(), "rc": rc, "loaded": bad}}))
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # as on a board: the runtime libraries sit in a folder of their own (the tvm package cannot be found)
+    from runtime.tvm_loader import find_library
+
+    libdir = str(find_library("libtvm_runtime.so").parent)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWQ_EDGE_TVM_LIB": libdir}
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -21,6 +21,7 @@ CPU (llvm): the same computation, the weight panel for a block of rows dequantiz
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,115 @@ def _compute(N: int, K: int, G: int, dequant_dtype: str):
 
 # ---------------------------------------------------------------- CUDA (tensor cores)
 
+# Our own registration of the five 16x16x16 fp16->fp32 WMMA intrinsics the schedule tensorizes with:
+# importing tvm.s_tir.tensor_intrin.cuda would register ~100 intrinsics (about 50 s of CPU parsing
+# TVMScript), once per process that builds a kernel.
+_WMMA = {"load_a": "awq_edge_wmma_load_a", "load_b": "awq_edge_wmma_load_b", "init": "awq_edge_wmma_fill",
+         "store": "awq_edge_wmma_store", "compute": "awq_edge_wmma_sync"}
+
+
+def _frag_index(buf, stride):
+    # fragments are addressed by index within the fragment array, not by element offset
+    return buf.elem_offset // stride // 16 * (stride // 16) + buf.elem_offset % stride // 16
+
+
+def _register_wmma() -> dict:
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    if TensorIntrin.get(_WMMA["compute"], allow_missing=True) is not None:
+        return _WMMA
+    F16, F32, OF = "float16", "float32", 16
+
+    def copy_pair(src_scope, dst_scope, dtype, emit):
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (16, 16), dtype, align=64, offset_factor=OF, scope=src_scope)
+            C = T.match_buffer(c, (16, 16), dtype, align=64, offset_factor=OF, scope=dst_scope)
+            with T.sblock("root"):
+                T.reads(A[0:16, 0:16])
+                T.writes(C[0:16, 0:16])
+                for i, j in T.grid(16, 16):
+                    with T.sblock("copy"):
+                        vi, vj = T.axis.remap("SS", [i, j])
+                        C[vi, vj] = A[vi, vj]
+
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle, c: T.handle) -> None:
+            s1, s0, d1, d0 = T.int32(), T.int32(), T.int32(), T.int32()
+            A = T.match_buffer(a, (16, 16), dtype, align=64, offset_factor=OF, scope=src_scope, strides=[s1, s0])
+            C = T.match_buffer(c, (16, 16), dtype, align=64, offset_factor=OF, scope=dst_scope, strides=[d1, d0])
+            with T.sblock("root"):
+                T.reads(A[0:16, 0:16])
+                T.writes(C[0:16, 0:16])
+                T.evaluate(emit(A, C, s1, d1))
+
+        return desc, impl
+
+    def load(layout):
+        return lambda A, C, s1, d1: T.tvm_load_matrix_sync(
+            C.data, 16, 16, 16, _frag_index(C, d1), A.access_ptr("r", ptr_type=F16), s1, layout, dtype="void")
+
+    def store(A, C, s1, d1):
+        return T.tvm_store_matrix_sync(
+            A.data, 16, 16, 16, _frag_index(A, s1), C.access_ptr("w", ptr_type=F32), d1, "row_major", dtype="void")
+
+    TensorIntrin.register(_WMMA["load_a"], *copy_pair("shared.dyn", "wmma.matrix_a", F16, load("row_major")))
+    # B is stored [n, k] (K-contiguous, like the weights): a column-major k x n fragment
+    TensorIntrin.register(_WMMA["load_b"], *copy_pair("shared.dyn", "wmma.matrix_b", F16, load("col_major")))
+    TensorIntrin.register(_WMMA["store"], *copy_pair("wmma.accumulator", "shared.dyn", F32, store))
+
+    @T.prim_func(s_tir=True)
+    def fill_desc(c: T.handle) -> None:
+        C = T.match_buffer(c, (16, 16), F32, align=64, offset_factor=OF, scope="wmma.accumulator")
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:16, 0:16])
+            for i, j in T.grid(16, 16):
+                with T.sblock("init"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    C[vi, vj] = T.float32(0)
+
+    @T.prim_func(s_tir=True)
+    def fill_impl(c: T.handle) -> None:
+        d1, d0 = T.int32(), T.int32()
+        C = T.match_buffer(c, (16, 16), F32, align=64, offset_factor=OF, scope="wmma.accumulator", strides=[d1, d0])
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:16, 0:16])
+            T.evaluate(T.tvm_fill_fragment(C.data, 16, 16, 16, _frag_index(C, d1), T.float32(0), dtype="void"))
+
+    TensorIntrin.register(_WMMA["init"], fill_desc, fill_impl)
+
+    @T.prim_func(s_tir=True)
+    def sync_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16, 16), F16, align=64, offset_factor=OF, scope="wmma.matrix_a")
+        B = T.match_buffer(b, (16, 16), F16, align=64, offset_factor=OF, scope="wmma.matrix_b")
+        C = T.match_buffer(c, (16, 16), F32, align=64, offset_factor=OF, scope="wmma.accumulator")
+        with T.sblock("root"):
+            T.reads(C[0:16, 0:16], A[0:16, 0:16], B[0:16, 0:16])
+            T.writes(C[0:16, 0:16])
+            for i, j, k in T.grid(16, 16, 16):
+                with T.sblock(""):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    C[vi, vj] = C[vi, vj] + T.Cast(F32, A[vi, vk]) * T.Cast(F32, B[vj, vk])
+
+    @T.prim_func(s_tir=True)
+    def sync_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        a1, a0, b1, b0, c1, c0 = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (16, 16), F16, align=64, offset_factor=OF, scope="wmma.matrix_a", strides=[a1, a0])
+        B = T.match_buffer(b, (16, 16), F16, align=64, offset_factor=OF, scope="wmma.matrix_b", strides=[b1, b0])
+        C = T.match_buffer(c, (16, 16), F32, align=64, offset_factor=OF, scope="wmma.accumulator", strides=[c1, c0])
+        with T.sblock("root"):
+            T.reads(C[0:16, 0:16], A[0:16, 0:16], B[0:16, 0:16])
+            T.writes(C[0:16, 0:16])
+            T.evaluate(T.tvm_mma_sync(C.data, _frag_index(C, c1), A.data, _frag_index(A, a1), B.data,
+                                      _frag_index(B, b1), C.data, _frag_index(C, c1), dtype="void"))
+
+    TensorIntrin.register(_WMMA["compute"], sync_desc, sync_impl)
+    return _WMMA
+
+
 
 @dataclass(frozen=True)
 class CudaConfig:
@@ -86,7 +196,10 @@ class CudaConfig:
     frags_m: int = 2  # 16x16 accumulator fragments per warp along M
     frags_n: int = 2  # ... along N
     chunk_k: int = 4  # 16-wide k steps per shared tile (tile depth = 16 * chunk_k)
-    vector: int = 8  # halves per thread per global->shared copy (8 = 16 bytes = one uint32 of nibbles)
+    vector_a: int = 8  # halves per thread per global->shared copy of x (8 = one 16-byte load)
+    # ... of dequantized W. 4, not 8: TVM's CUDA codegen mis-declares an 8-lane uint32 vector (the
+    # broadcast word) as ulonglong4; nvcc merges the lanes' identical word loads into one anyway.
+    vector_b: int = 4
 
     @property
     def block_m(self) -> int:
@@ -115,24 +228,34 @@ _OPT_IN_SHARED = {"sm_80": 163 * 1024, "sm_87": 163 * 1024, "sm_86": 99 * 1024, 
                   "sm_90": 227 * 1024, "sm_120": 99 * 1024}
 
 
+def _staging_fits(cfg: CudaConfig) -> bool:
+    """TVM 0.27's shared-memory planner reuses a freed fp16 tile buffer for the fp32 output staging tile
+    when the staging tile fits in it, and then fails to build (tvm_access_ptr element type mismatch);
+    keep the staging tile larger than either double-buffered tile."""
+    bk = 16 * cfg.chunk_k
+    out = cfg.block_m * (cfg.block_n + 4) * 4
+    return out > 2 * cfg.block_m * (bk + 8) * 2 and out > 2 * cfg.block_n * (bk + 8) * 2
+
+
+def valid_config(cfg: CudaConfig) -> bool:
+    return cfg.chunk_k >= 1 and _staging_fits(cfg) and cfg.vector_a in (1, 2, 4, 8) and cfg.vector_b in (1, 2, 4)
+
+
 def cuda_config(N: int, K: int, target: DeviceTarget) -> CudaConfig:
-    """Tiling from the target's shared memory and the shape (small N or K gets smaller tiles so the
-    padding waste stays low and enough blocks exist for the SMs)."""
+    """Tiling from the target's shared memory and SM count and the shape: small N (or a small GPU such
+    as the Orin) gets narrower blocks so the padding waste stays low and enough blocks exist."""
     limit = _OPT_IN_SHARED.get(target.arch or "", target.max_shared_memory_per_block)
     cfg = CudaConfig()
     if N <= 256 or (target.num_sms and target.num_sms <= 16 and N < 2048):
-        cfg = CudaConfig(warps_m=4, warps_n=2, frags_m=2, frags_n=2, chunk_k=4)
-    if K % (16 * cfg.chunk_k) and K % 32 == 0:
-        cfg = CudaConfig(cfg.warps_m, cfg.warps_n, cfg.frags_m, cfg.frags_n, chunk_k=2, vector=cfg.vector)
-    while cfg.shared_bytes() > limit and cfg.chunk_k > 1:
-        cfg = CudaConfig(cfg.warps_m, cfg.warps_n, cfg.frags_m, cfg.frags_n, cfg.chunk_k // 2, cfg.vector)
+        cfg = CudaConfig(warps_m=4, warps_n=2, frags_m=2, frags_n=2, chunk_k=2)
+    while cfg.chunk_k > 1 and (K % (16 * cfg.chunk_k) or cfg.shared_bytes() > limit or not _staging_fits(cfg)):
+        cfg = dataclasses.replace(cfg, chunk_k=cfg.chunk_k // 2)
     return cfg
 
 
 def _schedule_cuda(func, cfg: CudaConfig):
     from tvm import s_tir
     from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers, get_index_map
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
     sch = s_tir.Schedule(func)
     main = sch.get_sblock("matmul")
@@ -168,14 +291,15 @@ def _schedule_cuda(func, cfg: CudaConfig):
     sch.bind(batch, "blockIdx.z")
     sch.bind(sch.fuse(i0, j0), "blockIdx.x")
     sch.bind(sch.fuse(i1, j1), "blockIdx.y")
-    sch.bind(sch.fuse(j2, i2), "threadIdx.y")
+    warp_loop = sch.fuse(j2, i2)
+    sch.bind(warp_loop, "threadIdx.y")
     warps = cfg.warps_m * cfg.warps_n
 
-    def fetch_to_shared(index):
+    def fetch_to_shared(index, vector):
         blk = sch.cache_read(block_outer, index, "shared.dyn")
         sch.compute_at(blk, k0)
         fused = sch.fuse(*sch.get_loops(blk)[-2:])
-        _, ty, tx, vec = sch.split(fused, factors=[None, warps, 32, cfg.vector])
+        _, ty, tx, vec = sch.split(fused, factors=[None, warps, 32, vector])
         sch.bind(tx, "threadIdx.x")
         sch.bind(ty, "threadIdx.y")
         sch.vectorize(vec)
@@ -184,8 +308,8 @@ def _schedule_cuda(func, cfg: CudaConfig):
         sch.annotate(blk, "double_buffer_scope", 0)
         return blk
 
-    a_g2s = fetch_to_shared(0)
-    b_g2s = fetch_to_shared(1)
+    a_g2s = fetch_to_shared(0, cfg.vector_a)
+    b_g2s = fetch_to_shared(1, cfg.vector_b)
     auto_inline_producers(sch, a_g2s)
     auto_inline_producers(sch, b_g2s)  # the dequantize expression moves into the B copy
 
@@ -196,8 +320,8 @@ def _schedule_cuda(func, cfg: CudaConfig):
     out_shared = sch.cache_write(block_outer, 0, "shared.dyn")
     sch.storage_align(out_shared, 0, -2, 16, 4)
     store = sch.cache_write(block_outer, 0, "wmma.accumulator")
-    sch.reverse_compute_at(store, sch.get_loops(block_outer)[4])  # the fused threadIdx.y loop
-    sch.reverse_compute_at(out_shared, sch.get_loops(block_outer)[4])
+    sch.reverse_compute_at(store, warp_loop)
+    sch.reverse_compute_at(out_shared, warp_loop)
     si, sj = sch.get_loops(store)[-2:]
     si0, si1 = sch.split(si, factors=[None, 16])
     sj0, sj1 = sch.split(sj, factors=[None, 16])
@@ -205,8 +329,7 @@ def _schedule_cuda(func, cfg: CudaConfig):
     init = sch.decompose_reduction(block_outer, k0)
     init_inner = sch.get_child_blocks(init)[0]
 
-    intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn", in_dtype="float16",
-                                   out_dtype="float32", trans_b=True)
+    intrin = _register_wmma()
     for frag, name in ((a_frag, "load_a"), (b_frag, "load_b")):
         fi, fj = sch.get_loops(frag)[-2:]
         fi0, fi1 = sch.split(fi, factors=[None, 16])
@@ -287,6 +410,8 @@ def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | Cpu
         if sm < 80:
             raise UserError(f"gemm_w4a16: target {t.name} ({t.arch}) lacks sm_80 tensor cores")
         cfg = config or cuda_config(N, K, t)
+        if not valid_config(cfg):
+            raise UserError(f"gemm_w4a16: CUDA config {cfg} is not buildable (see _staging_fits)")
         return _schedule_cuda(_compute(N, K, group_size, "float16"), cfg)
     cfg = config or cpu_config(N, K, group_size, t)
     return _schedule_cpu(_compute(N, K, group_size, "float32"), cfg)

@@ -52,19 +52,20 @@ class CudaConfig:
     ty: int  # thread rows per block
     unroll: int  # 16-byte chunks per lane per loop step (loads in flight)
     ksplit: int = 1  # warps splitting K for the same rows (more loads in flight when K is long), summed in shared memory
-    math: str = "f32"  # "f32": exact (q - z) in fp32 via the 2^23 trick; "f16x2": half2 dequant + FMA
+    math: str = "f16x2"  # "f16x2": half2 dequant + HFMA2 (default); "f32": exact (q - z) in fp32 via 2^23
     f16_words: int = 1  # f16x2: 32-bit words (8 products) summed in fp16 before the fp32 accumulator
 
 
 def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
-    """Tiling from the shape and the target (SM count), chosen from H100 sweeps (benchmarks/kernels.py)."""
+    """Tiling from the shape and the target (SM count), chosen from H100 sweeps (benchmarks/kernels.py):
+    half2 math (the fp32 path is instruction-bound at ~1.8 TB/s), two rows per thread at M = 1 and four
+    when several activation rows share each weight load, K split over two warps for long rows."""
     chunks = K // 32
     tx = 32
     while tx > 4 and tx > chunks:
         tx //= 2
-    rows = 2 if M <= 4 else 1
+    rows = 2 if M == 1 else 4
     ty = max(1, 128 // tx)
-    # long rows (down_proj, K = 11008): split K over warps so each warp has fewer dependent steps
     ksplit = 1
     while ksplit < 4 and chunks > 8 * tx * ksplit:
         ksplit *= 2
@@ -72,7 +73,8 @@ def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
     while rows > 1 and -(-N // (ty * rows)) < 2 * max(target.num_sms, 1):
         rows //= 2
     iters = -(-chunks // (tx * ksplit))
-    return CudaConfig(tx=tx, rows=rows, ty=ty, unroll=min(4, iters), ksplit=ksplit)
+    unroll = min(4 if M == 1 else 2, iters)
+    return CudaConfig(tx=tx, rows=rows, ty=ty, unroll=unroll, ksplit=ksplit, math="f16x2", f16_words=1)
 
 
 def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
@@ -116,7 +118,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                             # issue every load of this step before any math: U * R * 16 bytes in flight
                             for u in T.unroll(U):
                                 for r in T.unroll(R):
-                                    if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                    if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
                                         for v in T.vectorized(4):
                                             wv[u, r, v] = weight[
                                                 T.min((bx * TY + ty % TY) * R + r, N - 1),
@@ -127,7 +129,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                                         sz[u, r, 1] = T.Cast("float32", zeros[
                                             T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG]) + T.float32(8388608.0)
                             for u in T.unroll(U):
-                                if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
                                     for m, r in T.grid(M, R):
                                         part[m, r] = T.float32(0)
                                     for j in T.unroll(4):
@@ -250,7 +252,7 @@ def _cuda_kernel_h2(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                         for o in T.serial(OUTER):
                             for u in T.unroll(U):
                                 for r in T.unroll(R):
-                                    if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                    if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
                                         for v in T.vectorized(4):
                                             wv[u, r, v] = weight[
                                                 T.min((bx * TY + ty % TY) * R + r, N - 1),
@@ -262,7 +264,7 @@ def _cuda_kernel_h2(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                                             T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG])
                                             + T.uint32(0x6400)) * T.uint32(0x00010001)
                             for u in T.unroll(U):
-                                if (not K_TAIL) or ((o * U + u) * TX + tx < CH):
+                                if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
                                     for m, r in T.grid(M, R):
                                         part[m, r] = T.float32(0)
                                         h[m, r] = T.uint32(0)
@@ -317,12 +319,9 @@ def _cuda_kernel_h2(N: int, K: int, G: int, M: int, cfg: CudaConfig):
 def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
     from tvm.script import tirx as T
 
-    V = max(4, target.vector_bytes // 4)  # fp32 lanes per SIMD register
-    while G % V:
-        V //= 2
-    NG, KW = K // G, K // 8
-    WPV = V // 8 if V >= 8 else 1  # words per vector step (8 nibbles per word)
-    STEPS = G // V
+    # One 32-bit word = 8 nibbles = one 8-lane fp32 vector (AVX2 register; two NEON registers): the word
+    # is broadcast and shifted by (0, 4, ..., 28) per lane, so the unpacking vectorizes with no gather.
+    NG, KW, WPG = K // G, K // 8, G // 8
 
     @T.prim_func(s_tir=True)
     def gemv(
@@ -342,44 +341,37 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
         for n in T.parallel(N):
             with T.sblock("row"):
                 vn = T.axis.spatial(N, n)
-                acc = T.sblock_alloc_buffer((M, V), "float32", scope="local")
-                part = T.sblock_alloc_buffer((M, V), "float32", scope="local")
-                d = T.sblock_alloc_buffer((V,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((M, 8), "float32", scope="local")
+                part = T.sblock_alloc_buffer((M, 8), "float32", scope="local")
+                d = T.sblock_alloc_buffer((8,), "float32", scope="local")
+                red = T.sblock_alloc_buffer((M,), "float32", scope="local")
                 for m in T.serial(M):
-                    for v in T.vectorized(V):
+                    for v in T.vectorized(8):
                         acc[m, v] = T.float32(0)
                 for g in T.serial(NG):
                     for m in T.serial(M):
-                        for v in T.vectorized(V):
+                        for v in T.vectorized(8):
                             part[m, v] = T.float32(0)
-                    for st in T.serial(STEPS):
-                        for v in T.vectorized(V):
+                    for w in T.unroll(WPG):
+                        for v in T.vectorized(8):
                             d[v] = T.Cast(
                                 "float32",
                                 T.bitwise_and(
-                                    T.shift_right(
-                                        weight[vn, (g * G + st * V + v) // 8],
-                                        T.Cast("uint32", ((g * G + st * V + v) % 8) * 4),
-                                    ),
-                                    T.uint32(15),
+                                    T.shift_right(weight[vn, g * WPG + w], T.Cast("uint32", v * 4)), T.uint32(15)
                                 ),
                             ) - T.Cast("float32", zeros[vn, g])
                         for m in T.serial(M):
-                            for v in T.vectorized(V):
-                                part[m, v] = part[m, v] + xf[m, g * G + st * V + v] * d[v]
+                            for v in T.vectorized(8):
+                                part[m, v] = part[m, v] + xf[m, g * G + w * 8 + v] * d[v]
                     for m in T.serial(M):
-                        for v in T.vectorized(V):
+                        for v in T.vectorized(8):
                             acc[m, v] = acc[m, v] + part[m, v] * T.Cast("float32", scales[vn, g])
                 for m in T.serial(M):
-                    with T.sblock("out"):
-                        red = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        ksum = T.sblock_alloc_buffer((KS, TY, M, R), "float32", scope="shared")
-                        red[0] = T.float32(0)
-                        for v in T.serial(V):
-                            red[0] = red[0] + acc[m, v]
-                        y[m, vn] = T.Cast("float16", red[0])
+                    red[m] = T.float32(0)
+                    for v in T.serial(8):
+                        red[m] = red[m] + acc[m, v]
+                    y[m, vn] = T.Cast("float16", red[m])
 
-    del WPV
     return gemv
 
 
