@@ -132,7 +132,7 @@ def cmd_quantize(args) -> int:
     calib_ids = None
     if calib is not None and qcfg.method == "awq":
         calib_ids = load_calibration(calib, tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-    model, _, config = model_io.load_model(folder, dtype=torch.float16, device="cpu")
+    model, _, config = model_io.load_model(folder, dtype=torch.float16, device="cpu", tokenizer=tokenizer)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_load = time.perf_counter()

@@ -143,15 +143,16 @@ def load_tokenizer(folder: Path):
         raise UserError(f"{folder}: no readable tokenizer (tokenizer.json / tokenizer_config.json): {type(e).__name__}: {e}") from None
 
 
-def load_model(path: str | os.PathLike, dtype=None, device: str = "cpu"):
-    """(model, tokenizer, config) from a Hugging Face folder or a GGUF file, in eval mode on `device`."""
+def load_model(path: str | os.PathLike, dtype=None, device: str = "cpu", tokenizer=None):
+    """(model, tokenizer, config) from a Hugging Face folder or a GGUF file, in eval mode on `device`.
+    Pass an already loaded `tokenizer` to skip reading it again."""
     import torch
 
     dtype = dtype or torch.float16
     folder = resolve_model_dir(path)
     config = load_config(folder)
     check_safetensors(folder)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
     try:
         model = model_class(config).from_pretrained(str(folder), config=config, dtype=dtype, local_files_only=True)
     except Exception as e:

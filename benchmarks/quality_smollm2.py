@@ -208,10 +208,10 @@ def main(argv=None) -> int:
         row: dict = {}
         with tempfile.TemporaryDirectory(prefix="quality-", dir=REPO / ".cache") as tmp:
             if ROWS[name] is None:
-                model, _, _ = load_model(fp16_dir, dtype=eval_dtype, device=args.device)
+                model, _, _ = load_model(fp16_dir, dtype=eval_dtype, device=args.device, tokenizer=tokenizer)
             else:
                 method, bits = ROWS[name]
-                model, _, _ = load_model(fp16_dir, dtype=torch.float16)
+                model, _, _ = load_model(fp16_dir, dtype=torch.float16, tokenizer=tokenizer)
                 cfg = QuantConfig(w_bit=bits, group_size=args.group_size, method=method)
                 t = time.perf_counter()
                 qlinears = quantize_model(model, adapter, calib_ids if method == "awq" else None, cfg,

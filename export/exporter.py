@@ -94,10 +94,15 @@ class _Params:
     def __init__(self, cfg: ModelConfig, arch: str, src: LinearSource):
         self.cfg, self.fam, self.src = cfg, FAMILIES[arch], src
         self._cached: tuple[str, dict[str, np.ndarray]] = ("", {})
+        found = [p for p in self.fam.weight_prefixes if f"{p}embed_tokens.weight" in src.tensors]
+        if not found:
+            raise UserError(f"{src.tensors.folder}: no {self.fam.weight_prefixes[0]}embed_tokens.weight in the "
+                            f"checkpoint (is it a {self.fam.name} model?)")
+        self.prefix = found[0]
 
     def _hf(self, ours: str) -> str:
         # "model.layers.3.self_attn.q_proj" in our tree -> the checkpoint's name
-        return self.fam.weight_prefix + ours.removeprefix("model.")
+        return self.prefix + ours.removeprefix("model.")
 
     def _linear(self, prefix: str) -> dict[str, np.ndarray]:
         parent, leaf = prefix.rsplit(".", 1)
@@ -276,6 +281,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
     _check_group(cfg, where)
     tok_files, template = tokenizer_files(checkpoint)
     tensors = SafetensorsFolder(checkpoint)
+    source = _Params(cfg, arch, LinearSource(tensors, quant))
     dt = resolve_target(target)
     summary: dict[str, Any] = {}
 
@@ -286,7 +292,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
         t2 = time.perf_counter()
         for p in params:
             p["file"] = PARAMS
-        write_params(tmp / PARAMS, params, _Params(cfg, arch, LinearSource(tensors, quant)).get)
+        write_params(tmp / PARAMS, params, source.get)
         t3 = time.perf_counter()
         for f in tok_files:
             shutil.copy2(f, tmp / f.name)

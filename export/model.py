@@ -17,8 +17,10 @@ from export.errors import UserError
 class Family:
     name: str
     qkv_bias: bool = False  # Qwen2 adds a bias to q, k and v
-    weight_prefix: str = "model."  # where the decoder's tensors live in the checkpoint
+    # where the decoder's tensors live in the checkpoint: the first prefix that holds embed_tokens
+    weight_prefixes: tuple[str, ...] = ("model.",)
     lm_head: str = "lm_head.weight"
+    text_config: str | None = None  # multimodal configs nest the language model's fields here
 
 
 # architectures[0] of config.json -> family. Everything else about a model comes from its config.
@@ -26,6 +28,11 @@ FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("llama"),  # Llama 2/3, SmolLM2, TinyLlama, ...
     "MistralForCausalLM": Family("mistral"),
     "Qwen2ForCausalLM": Family("qwen2", qkv_bias=True),
+    # The language model of Qwen2.5-VL is Qwen2's; with text-only input its M-RoPE (three equal
+    # position ids) is plain RoPE. transformers >= 4.52 nests it under model.language_model.
+    "Qwen2_5_VLForConditionalGeneration": Family("qwen2_5_vl", qkv_bias=True,
+                                                 weight_prefixes=("model.language_model.", "model."),
+                                                 text_config="text_config"),
 }
 
 
@@ -69,7 +76,7 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]]:
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
+    if kind in ("default", "mrope"):  # mrope: text-only positions make it plain RoPE
         return theta, {}
     if kind == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -83,6 +90,8 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
                    prefill_chunk_size: int | None = None) -> ModelConfig:
     """Our config from a Hugging Face config.json dict. `where` names the file in errors."""
     arch, fam = family_of(hf, where)
+    if fam.text_config and isinstance(hf.get(fam.text_config), dict):
+        hf = {**hf, **{k: v for k, v in hf[fam.text_config].items() if v is not None}}
     if hf.get("mlp_bias"):
         raise UserError(f"{where}: mlp_bias is not supported")
     act = hf.get("hidden_act", "silu")

@@ -301,7 +301,8 @@ def transformers_4x() -> Path:
         tmp = TF4_DIR.with_name(TF4_DIR.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp), *TF4_SPEC],
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--retries", "1", "--timeout", "15",
+                            "--target", str(tmp), *TF4_SPEC],
                            check=True, capture_output=True, timeout=240)
         except (subprocess.SubprocessError, OSError) as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -20,13 +20,15 @@ _BUILD = textwrap.dedent(
     from tvm_kernels.cuda_env import prepare_cuda_build
     prepare_cuda_build(embed_ptx=sys.argv[3] == "ptx")
     import tvm
-    from tvm_kernels.gemv_w4a16 import gemv_w4a16
+    from tvm_kernels.gemv_w4a16 import CudaConfig, gemv_w4a16
     from tvm_kernels.targets import get_target
     t = get_target(sys.argv[1])
     funcs = {
         "gemv_m1": gemv_w4a16(4096, 4096, 128, t, M=1),
         "gemv_odd_m3": gemv_w4a16(100, 576, 64, t, M=3),
         "gemv_m8_g32": gemv_w4a16(960, 352, 32, t, M=8),
+        # K split over warps with a predicated tail (down_proj-like)
+        "gemv_ksplit_tail": gemv_w4a16(96, 11008, 128, t, M=1, config=CudaConfig(32, 2, 4, 4, ksplit=2)),
     }
     mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
     with t.tvm_target() as target:

@@ -150,7 +150,7 @@ def make_checkpoint(family: str, folder: Path, awq: bool):
         model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(cfg_dict))
-    write_tokenizer(folder, cfg.vocab_size)
+    write_tokenizer(folder, cfg.get_text_config().vocab_size)
     return model
 
 
@@ -170,7 +170,7 @@ def assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # cpu: numerics through the runtime alone
 
-CASES = [("llama", False), ("llama", True), ("qwen2", True), ("mistral", True), ("qwen2", False)]
+CASES = [("llama", False), ("llama", True), ("qwen2", True), ("mistral", True), ("qwen2", False), ("qwen2_5_vl", True)]
 
 
 @pytest.mark.parametrize("family,awq", CASES, ids=[f"{f}-{'awq' if a else 'fp16'}" for f, a in CASES])
@@ -190,8 +190,10 @@ def test_cpu_export_matches_transformers(tmp_path, family, awq):
     assert man.tokenizer["chat_template"].startswith("{% for m in messages %}")
     if awq:  # one fused q/k/v weight in the kernel layout
         qkv = next(p for p in man.params if p["name"].endswith("layers.0.self_attn.qkv_proj.weight"))
-        H, KV, D = model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim
-        assert qkv["dtype"] == "uint32" and qkv["shape"] == [(H + 2 * KV) * D, model.config.hidden_size // 8]
+        tc = model.config.get_text_config()
+        H, KV = tc.num_attention_heads, tc.num_key_value_heads
+        D = getattr(tc, "head_dim", None) or tc.hidden_size // H
+        assert qkv["dtype"] == "uint32" and qkv["shape"] == [(H + 2 * KV) * D, tc.hidden_size // 8]
 
     out = run_artifact(art, PROMPT, DECODE_STEPS, tmp_path)
     full = PROMPT + [int(t) for t in out["tokens"]]

@@ -144,6 +144,19 @@ def test_chat_turns_reuse_the_cache(tiny, engine):
     assert engine.cached == []
 
 
+def test_terminal_chat_commands(engine):
+    import io
+
+    from runtime.chat import ChatSession, run_chat
+
+    s = ChatSession(engine, max_new_tokens=4)
+    out = io.StringIO()
+    assert run_chat(engine, s, stdin=io.StringIO("Hello!\n/reset\nHello!\n/exit\nnever read\n"), stdout=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "(conversation reset)" and lines[0] == lines[2]  # same answer after /reset
+    assert len(s.messages) == 2
+
+
 def test_stream_equals_generate_and_stop_strings(engine):
     g = engine.generate(PROMPT, max_new_tokens=16)
     assert "".join(engine.stream(PROMPT, max_new_tokens=16)) == g.text

@@ -91,8 +91,23 @@ def _frag_index(buf, stride):
     return buf.elem_offset // stride // 16 * (stride // 16) + buf.elem_offset % stride // 16
 
 
+# tvm-ffi releases whose JSON graph serializer crashes (SIGSEGV in ToJSONGraph) under apache-tvm
+# 0.27.0.post1: schedule tensorize deep-copies through it, so the tensor-core schedule cannot be built.
+_BROKEN_TVM_FFI = {"0.1.15.post2"}
+
+
+def _check_tvm_ffi() -> None:
+    from importlib.metadata import version
+
+    v = version("apache-tvm-ffi")
+    if v in _BROKEN_TVM_FFI:
+        raise UserError(f"gemm_w4a16: apache-tvm-ffi {v} crashes TVM 0.27's tensorize (segfault in ToJSONGraph); "
+                        "install apache-tvm-ffi==0.1.14.post0")
+
+
 def _register_wmma() -> dict:
     from tvm.s_tir import TensorIntrin
+
     from tvm.script import tirx as T
 
     if TensorIntrin.get(_WMMA["compute"], allow_missing=True) is not None:
@@ -389,12 +404,11 @@ def _schedule_cpu(func, cfg: CpuConfig):
     sch.transform_layout(deq, ("write", 0), lambda a, b: (b, a))
     init = sch.decompose_reduction(main, ko)
     sch.vectorize(sch.get_loops(init)[-1])
+    # Round each task's fp32 strip to fp16 right after its reduction: the fp32 accumulator shrinks to
+    # [M, block_n] per task instead of a full [M, N] buffer.
     y = sch.get_sblock("y")
-    ym, yn = sch.get_loops(y)
-    yno, yni = sch.split(yn, factors=[None, cfg.block_n])
-    sch.reorder(yno, ym, yni)
-    sch.parallel(yno)
-    sch.vectorize(yni)
+    sch.reverse_compute_at(y, no)
+    sch.vectorize(sch.get_loops(y)[-1])
     return sch.mod["main"]
 
 
@@ -409,6 +423,7 @@ def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | Cpu
         sm = int((t.arch or "sm_0").removeprefix("sm_").rstrip("a") or 0)
         if sm < 80:
             raise UserError(f"gemm_w4a16: target {t.name} ({t.arch}) lacks sm_80 tensor cores")
+        _check_tvm_ffi()
         cfg = config or cuda_config(N, K, t)
         if not valid_config(cfg):
             raise UserError(f"gemm_w4a16: CUDA config {cfg} is not buildable (see _staging_fits)")

@@ -1,20 +1,26 @@
 """Decode GEMV y[M, N] = x[M, K] @ dequant(W)^T for M = 1..8, INT4 weights in the kernel layout
 (tvm_kernels/layout.py), FP16 activations and output, FP32 accumulation, dequantization in registers.
 
-Why this shape of kernel (CUDA):
-- Decode is bound by reading the weights once. Each thread reads 16 bytes of one row per load (a
-  uint4 = 32 consecutive k), consecutive threads read consecutive 16 bytes (coalesced along K), and a
-  thread covers `rows` rows so the activations it loads and converts are reused across rows.
-- The dequantize path, not memory, limits the stock schedule (dlight W4: ~1.05 TB/s on the H100). Per
-  nibble we spend one shift + one LOP3 + one FADD: OR-ing the nibble into the mantissa of 2^23
-  (0x4B000000) gives the float 2^23 + q exactly, and subtracting (2^23 + z) gives the exact integer
-  q - z without an int->float conversion (I2F runs at a quarter of the FP32 rate). The scale is applied
-  once per 32 elements: sum_k x*(q - z) * s = s * sum_k x*(q - z) within a group.
-- K is split over `tx` lanes of a warp and reduced with warp shuffles (no shared memory, no barrier).
+Why this shape of kernel (CUDA; one TIR schedule, tiled by `cuda_config` from the target's SM count):
+- Decode is bound by reading the weights once. Each lane reads 16 bytes of one row per load (a uint4 =
+  32 consecutive k), consecutive lanes read consecutive 16 bytes (coalesced along K), and a thread
+  covers `rows` rows so the activations it loads are reused across rows.
+- The dequantize path, not memory, limits the stock schedule (dlight W4: ~1.05 TB/s on the H100), so
+  the inner step is counted in instructions. (w >> 4j) & 0x000F000F | 0x64006400 is the half2
+  (1024 + q_j, 1024 + q_{j+4}): two nibbles become fp16 with one shift + one LOP3 and no int->float
+  conversion; subtracting the half2 (1024 + z) leaves the exact integers q - z; HFMA2 multiplies two
+  at a time (~2 instructions per weight against ~4.4 for an fp32 path, which measured 1.8 TB/s).
+  Activations are paired to match with one __byte_perm per two halves, shared by all rows of a thread.
+- Precision: the 8 products of one 32-bit word are summed in fp16 (each |q - z| <= 15, exact), then
+  converted and accumulated in fp32; the scale is applied once per 32 elements in fp32
+  (sum_k x*(q - z)*s = s * sum_k x*(q - z) within a group). Relative error ~4e-4 against float32.
+- K is split over `tx` lanes of a warp (warp-shuffle reduction) and, for long rows, over `ksplit`
+  warps (one shared-memory combine): more independent loads in flight per row.
 - Odd shapes stay in this kernel: rows past N are clamped for loading and skipped at the store;
   chunks past K/32 are predicated off.
 
-CPU (llvm): the same math, rows parallel over cores, the k loop vectorized by the SIMD width.
+CPU (llvm): one 32-bit word is one 8-lane fp32 vector (broadcast, per-lane shift, convert), rows
+parallel over cores, activations converted to fp32 once.
 """
 from __future__ import annotations
 
@@ -27,7 +33,6 @@ from tvm_kernels.layout import dequantize_kernel_layout
 from tvm_kernels.targets import DeviceTarget, get_target
 
 MAX_M = 8
-_MAGIC = 0x4B000000  # float32 bits of 2^23
 
 
 def reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
@@ -52,7 +57,9 @@ class CudaConfig:
     ty: int  # thread rows per block
     unroll: int  # 16-byte chunks per lane per loop step (loads in flight)
     ksplit: int = 1  # warps splitting K for the same rows (more loads in flight when K is long), summed in shared memory
-    math: str = "f16x2"  # "f16x2": half2 dequant + HFMA2 (default); "f32": exact (q - z) in fp32 via 2^23
+    # "f16x2" is the one math path. An fp32 path (q | 0x4B000000 as float = 2^23 + q, exact q - z, FFMA) was
+    # measured side by side on the H100 and removed: instruction-bound at ~1.8 TB/s (benchmarks/results).
+    math: str = "f16x2"
     f16_words: int = 1  # f16x2: 32-bit words (8 products) summed in fp16 before the fp32 accumulator
 
 
@@ -73,110 +80,11 @@ def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
     while rows > 1 and -(-N // (ty * rows)) < 2 * max(target.num_sms, 1):
         rows //= 2
     iters = -(-chunks // (tx * ksplit))
-    unroll = min(4 if M == 1 else 2, iters)
+    # the largest unroll whose last step wastes the fewest predicated-off slots (down_proj at ksplit 2:
+    # 6 steps -> unroll 2, measured 13.2 us against 15.9 us at unroll 4 on the H100)
+    unroll = min((u for u in (4, 2, 1) if u <= (4 if M == 1 else 2)), key=lambda u: (-(-iters // u) * u - iters, -u))
+    unroll = min(unroll, iters)
     return CudaConfig(tx=tx, rows=rows, ty=ty, unroll=unroll, ksplit=ksplit, math="f16x2", f16_words=1)
-
-
-def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
-    from tvm.script import tirx as T
-
-    TX, R, TY, U, KS = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit
-    CH = K // 32  # 16-byte chunks per row
-    CPG = G // 32  # chunks per group
-    ITERS = -(-CH // (TX * KS))
-    OUTER = -(-ITERS // U)
-    K_TAIL = OUTER * U * TX * KS != CH  # some lanes have no chunk in the last step
-    ROWS_PER_BLOCK = TY * R
-    NB = -(-N // ROWS_PER_BLOCK)
-    KW, NG = K // 8, K // G
-    SHUFFLES = [TX >> (i + 1) for i in range(TX.bit_length() - 1)]
-
-    @T.prim_func(s_tir=True)
-    def gemv(
-        x: T.Buffer((M, K), "float16"),
-        weight: T.Buffer((N, KW), "uint32"),
-        scales: T.Buffer((N, NG), "float16"),
-        zeros: T.Buffer((N, NG), "float16"),
-        y: T.Buffer((M, N), "float16"),
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for bx in T.thread_binding(NB, thread="blockIdx.x"):
-            for ty in T.thread_binding(TY * KS, thread="threadIdx.y"):
-                for tx in T.thread_binding(TX, thread="threadIdx.x"):
-                    with T.sblock("gemv"):
-                        acc = T.sblock_alloc_buffer((M, R), "float32", scope="local")
-                        part = T.sblock_alloc_buffer((M, R), "float32", scope="local")
-                        wv = T.sblock_alloc_buffer((U, R, 4), "uint32", scope="local")
-                        sz = T.sblock_alloc_buffer((U, R, 2), "float32", scope="local")
-                        d = T.sblock_alloc_buffer((R, 8), "float32", scope="local")
-                        xv = T.sblock_alloc_buffer((8,), "float16", scope="local")
-                        red = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        ksum = T.sblock_alloc_buffer((KS, TY, M, R), "float32", scope="shared")
-                        for m, r in T.grid(M, R):
-                            acc[m, r] = T.float32(0)
-                        for o in T.serial(OUTER):
-                            # issue every load of this step before any math: U * R * 16 bytes in flight
-                            for u in T.unroll(U):
-                                for r in T.unroll(R):
-                                    if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
-                                        for v in T.vectorized(4):
-                                            wv[u, r, v] = weight[
-                                                T.min((bx * TY + ty % TY) * R + r, N - 1),
-                                                (((o * U + u) * KS + ty // TY) * TX + tx) * 4 + v,
-                                            ]
-                                        sz[u, r, 0] = T.Cast("float32", scales[
-                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG])
-                                        sz[u, r, 1] = T.Cast("float32", zeros[
-                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG]) + T.float32(8388608.0)
-                            for u in T.unroll(U):
-                                if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
-                                    for m, r in T.grid(M, R):
-                                        part[m, r] = T.float32(0)
-                                    for j in T.unroll(4):
-                                        for r in T.unroll(R):
-                                            for e in T.unroll(8):
-                                                d[r, e] = T.reinterpret(
-                                                    "float32",
-                                                    T.bitwise_or(
-                                                        T.bitwise_and(
-                                                            T.shift_right(wv[u, r, j], T.uint32(4 * e)), T.uint32(15)
-                                                        ),
-                                                        T.uint32(_MAGIC),
-                                                    ),
-                                                ) - sz[u, r, 1]
-                                        for m in T.unroll(M):
-                                            for e in T.vectorized(8):
-                                                xv[e] = x[m, (((o * U + u) * KS + ty // TY) * TX + tx) * 32 + j * 8 + e]
-                                            for r in T.unroll(R):
-                                                for e in T.unroll(8):
-                                                    part[m, r] = part[m, r] + T.Cast("float32", xv[e]) * d[r, e]
-                                    for m, r in T.grid(M, R):
-                                        acc[m, r] = acc[m, r] + part[m, r] * sz[u, r, 0]
-                        for m in T.unroll(M):
-                            for r in T.unroll(R):
-                                red[0] = acc[m, r]
-                                for s in T.unroll(len(SHUFFLES)):
-                                    red[0] = red[0] + T.tvm_warp_shuffle_xor(
-                                        T.tvm_warp_activemask(), red[0], T.shift_right(TX, s + 1), TX, 32
-                                    )
-                                if KS == 1:
-                                    if tx == 0 and (bx * TY + ty % TY) * R + r < N:
-                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
-                                else:
-                                    if tx == 0:
-                                        ksum[ty // TY, ty % TY, m, r] = red[0]
-                        if KS > 1:
-                            # the K slices of one row live in different warps: combine through shared memory
-                            T.tvm_storage_sync("shared")
-                            for m in T.unroll(M):
-                                for r in T.unroll(R):
-                                    if ty // TY == 0 and tx == 0 and (bx * TY + ty % TY) * R + r < N:
-                                        red[0] = ksum[0, ty % TY, m, r]
-                                        for kz in T.unroll(1, KS):
-                                            red[0] = red[0] + ksum[kz, ty % TY, m, r]
-                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
-
-    return gemv
 
 
 # f16x2 inner step (CUDA device code called from the TIR kernel): one 32-bit word = 8 nibbles against 8
@@ -207,7 +115,7 @@ __device__ __forceinline__ float awq_h2_sum(unsigned acc) {
 """
 
 
-def _cuda_kernel_h2(N: int, K: int, G: int, M: int, cfg: CudaConfig):
+def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
     from tvm.script import tirx as T
 
     TX, R, TY, U, KS, FW = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit, cfg.f16_words
@@ -321,7 +229,9 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
 
     # One 32-bit word = 8 nibbles = one 8-lane fp32 vector (AVX2 register; two NEON registers): the word
     # is broadcast and shifted by (0, 4, ..., 28) per lane, so the unpacking vectorizes with no gather.
+    # A = 4 independent accumulators per activation row hide the FMA latency (one chain would stall).
     NG, KW, WPG = K // G, K // 8, G // 8
+    A = 4 if WPG % 4 == 0 else (2 if WPG % 2 == 0 else 1)
 
     @T.prim_func(s_tir=True)
     def gemv(
@@ -341,17 +251,19 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
         for n in T.parallel(N):
             with T.sblock("row"):
                 vn = T.axis.spatial(N, n)
-                acc = T.sblock_alloc_buffer((M, 8), "float32", scope="local")
-                part = T.sblock_alloc_buffer((M, 8), "float32", scope="local")
-                d = T.sblock_alloc_buffer((8,), "float32", scope="local")
-                red = T.sblock_alloc_buffer((M,), "float32", scope="local")
+                # default scope: small constant-size buffers become stack allocas (scope "local" here
+                # would call the workspace allocator once per row)
+                acc = T.sblock_alloc_buffer((M, 8), "float32")
+                part = T.sblock_alloc_buffer((M, A, 8), "float32")
+                d = T.sblock_alloc_buffer((8,), "float32")
+                red = T.sblock_alloc_buffer((M,), "float32")
                 for m in T.serial(M):
                     for v in T.vectorized(8):
                         acc[m, v] = T.float32(0)
                 for g in T.serial(NG):
-                    for m in T.serial(M):
+                    for m, a in T.grid(M, A):
                         for v in T.vectorized(8):
-                            part[m, v] = T.float32(0)
+                            part[m, a, v] = T.float32(0)
                     for w in T.unroll(WPG):
                         for v in T.vectorized(8):
                             d[v] = T.Cast(
@@ -362,10 +274,13 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
                             ) - T.Cast("float32", zeros[vn, g])
                         for m in T.serial(M):
                             for v in T.vectorized(8):
-                                part[m, v] = part[m, v] + xf[m, g * G + w * 8 + v] * d[v]
+                                part[m, w % A, v] = part[m, w % A, v] + xf[m, g * G + w * 8 + v] * d[v]
                     for m in T.serial(M):
+                        for a in T.serial(1, A):
+                            for v in T.vectorized(8):
+                                part[m, 0, v] = part[m, 0, v] + part[m, a, v]
                         for v in T.vectorized(8):
-                            acc[m, v] = acc[m, v] + part[m, v] * T.Cast("float32", scales[vn, g])
+                            acc[m, v] = acc[m, v] + part[m, 0, v] * T.Cast("float32", scales[vn, g])
                 for m in T.serial(M):
                     red[m] = T.float32(0)
                     for v in T.serial(8):
@@ -384,9 +299,7 @@ def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: Cuda
     t = get_target(target)
     if t.is_cuda:
         cfg = config or cuda_config(N, K, M, t)
-        if cfg.math == "f16x2":
-            return _cuda_kernel_h2(N, K, group_size, M, cfg)
-        if cfg.math != "f32":
-            raise UserError(f"gemv_w4a16: unknown math {cfg.math!r} (f32 or f16x2)")
+        if cfg.math != "f16x2":
+            raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (only f16x2; see CudaConfig)")
         return _cuda_kernel(N, K, group_size, M, cfg)
     return _cpu_kernel(N, K, group_size, M, t)
