@@ -301,7 +301,10 @@ def _prod(dims):
 FUNCTIONS = {
     "create_kv_cache": {
         "inputs": ["max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window"],
-        "outputs": ["kv_cache"], "doc": "ShapeTuple ints; call vm.builtin.kv_state_add_sequence before use",
+        "outputs": ["kv_cache"],
+        "doc": "ShapeTuple ints; then vm.builtin.kv_state_add_sequence(kv, 0); reset with vm.builtin.kv_state_clear "
+               "(or kv_state_popn to roll back n tokens); wrap each prefill/decode call in "
+               "vm.builtin.kv_state_begin_forward / kv_state_end_forward",
     },
     "embed": {"inputs": ["input_ids int32[n]", "params"], "outputs": ["float16[n, hidden]"]},
     "prefill": {"inputs": ["embeds float16[1, n, hidden]", "kv_cache", "params"], "outputs": ["float32[1, 1, vocab]"],

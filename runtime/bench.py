@@ -11,7 +11,6 @@ Orin's 204.8 GB/s peak DRAM bandwidth.
 """
 from __future__ import annotations
 
-import ctypes
 import platform
 import resource
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engine import Engine
+from runtime.tvm_loader import cuda_memory_used
 from runtime.sampling import SamplingParams
 
 ORIN_BANDWIDTH_GBS = 204.8
@@ -38,18 +38,6 @@ def weight_bytes_per_token(engine: Engine) -> int:
             continue
         total += n
     return total
-
-
-def cuda_memory_used() -> int | None:
-    """Bytes in use on GPU 0 (total - free, via the CUDA runtime TVM already loaded)."""
-    try:
-        rt = ctypes.CDLL("libcudart.so.13")
-    except OSError:
-        return None
-    free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    if rt.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
-        return None
-    return total.value - free.value
 
 
 def device_copy_bandwidth(engine: Engine, nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -93,7 +81,6 @@ def bench_one(engine: Engine, prompt_len: int, gen_tokens: int, seed: int = 0) -
 
 def run_bench(engine: Engine, prompt_lengths=(128, 512, 2048), gen_tokens: int = 256,
               measure_copy_bandwidth: bool = True, label: str = "") -> dict[str, Any]:
-    used_before = cuda_memory_used() if engine.device_name == "cuda" else None
     # warm-up: first calls load kernels and fill the pooled allocator
     bench_one(engine, min(16, engine.context_length - 9), 8)
     rows, skipped = [], []
@@ -114,10 +101,11 @@ def run_bench(engine: Engine, prompt_lengths=(128, 512, 2048), gen_tokens: int =
         "weight_bytes_per_token": weight_bytes_per_token(engine),
     }
     if engine.device_name == "cuda":
-        used = cuda_memory_used()
-        out["device_memory_bytes"] = used - used_before if used is not None and used_before is not None else None
-        out["device_memory_note"] = ("GPU memory in use after the runs minus before loading (TVM's pooled allocator "
-                                     "keeps its high-water mark, so this is the peak of the runs)")
+        used, before = cuda_memory_used(), engine.memory_before_load
+        out["device_memory_bytes"] = used - before if used is not None and before is not None else None
+        out["device_memory_note"] = ("GPU memory in use after the runs minus before the engine loaded its weights "
+                                     "(TVM's pooled allocator keeps its high-water mark, so this is the peak: "
+                                     "weights + KV cache + workspace)")
         if measure_copy_bandwidth:
             out["copy_bandwidth_Bps"] = device_copy_bandwidth(engine)
     else:

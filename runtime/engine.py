@@ -83,6 +83,7 @@ class Engine:
         self.device = self.ffi.device(self.device_name, 0)
         self.cpu = self.ffi.device("cpu", 0)
 
+        self.memory_before_load = tvm_loader.cuda_memory_used() if self.device_name == "cuda" else None
         lib_path = self.folder / m.library
         if not lib_path.is_file():
             raise UserError(f"{lib_path}: missing (manifest `library`)")

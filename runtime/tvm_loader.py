@@ -129,3 +129,15 @@ def cuda_available() -> bool:
     if cuda.cuInit(0) != 0:
         return False
     return cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def cuda_memory_used() -> int | None:
+    """Bytes in use on the current GPU (total - free, via the CUDA runtime that TVM loaded), or None."""
+    try:
+        rt = ctypes.CDLL(CUDART)
+    except OSError:
+        return None
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if rt.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+        return None
+    return total.value - free.value

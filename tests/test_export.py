@@ -173,16 +173,30 @@ def assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
 CASES = [("llama", False), ("llama", True), ("qwen2", True), ("mistral", True), ("qwen2", False), ("qwen2_5_vl", True)]
 
 
-@pytest.mark.parametrize("family,awq", CASES, ids=[f"{f}-{'awq' if a else 'fp16'}" for f, a in CASES])
-def test_cpu_export_matches_transformers(tmp_path, family, awq):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(family, awq) -> (transformers model, artifact folder); each exported once per module."""
     from export.exporter import export_checkpoint
+
+    cache = {}
+
+    def get(family: str, awq: bool):
+        if (family, awq) not in cache:
+            root = tmp_path_factory.mktemp(f"{family}-{'awq' if awq else 'fp16'}")
+            model = make_checkpoint(family, root / "ckpt", awq)
+            summary = export_checkpoint(root / "ckpt", "cpu", root / "art", context_length=64, prefill_chunk=8)
+            assert summary["quantized"] is awq
+            cache[family, awq] = model, root / "art"
+        return cache[family, awq]
+
+    return get
+
+
+@pytest.mark.parametrize("family,awq", CASES, ids=[f"{f}-{'awq' if a else 'fp16'}" for f, a in CASES])
+def test_cpu_export_matches_transformers(tmp_path, exported, family, awq):
     from runtime.manifest import Manifest
 
-    ckpt = tmp_path / "ckpt"
-    model = make_checkpoint(family, ckpt, awq)
-    art = tmp_path / "art"
-    summary = export_checkpoint(ckpt, "cpu", art, context_length=64, prefill_chunk=8)
-    assert summary["quantized"] is awq
+    model, art = exported(family, awq)
     man = Manifest.load(art)
     assert set(man.functions) >= {"create_kv_cache", "embed", "prefill", "prefill_logits", "decode"}
     assert man.quantization is None if not awq else man.quantization["group_size"] == GROUP
@@ -275,13 +289,14 @@ def tiny_fp16(tmp_path_factory):
     return folder
 
 
-def test_manifest_detects_modified_file(tmp_path, tiny_fp16):
-    from export.exporter import export_checkpoint
+def test_manifest_detects_modified_file(tmp_path, exported):
+    import shutil
+
     from runtime.errors import UserError
     from runtime.manifest import Manifest
 
     art = tmp_path / "art"
-    export_checkpoint(tiny_fp16, "cpu", art, context_length=32)
+    shutil.copytree(exported("llama", False)[1], art)
     Manifest.load(art)
     with open(art / "params.safetensors", "r+b") as f:
         f.seek(-2, os.SEEK_END)

@@ -5,6 +5,7 @@ import pytest
 from tvm_kernels.errors import UserError
 from tvm_kernels.gemv_w4a16 import gemv_w4a16, reference
 from tvm_kernels.layout import random_quantized
+from tvm_kernels.targets import get_target
 
 tvm = pytest.importorskip("tvm")
 
@@ -32,7 +33,8 @@ def test_cpu_gemv_matches_reference(N, K, G, M):
     rng = np.random.default_rng(N * 1000 + K + M)
     w, s, z = random_quantized(N, K, G, rng)
     x = rng.standard_normal((M, K)).astype(np.float16)
-    lib = tvm.compile(tvm.IRModule({"main": gemv_w4a16(N, K, G, "cpu", M=M)}), target="llvm")
+    # the shipped CPU target (x86-64-v3: AVX2 + FMA), not a generic llvm
+    lib = tvm.compile(tvm.IRModule({"main": gemv_w4a16(N, K, G, "cpu", M=M)}), target=get_target("cpu").tvm_target())
     out = _run(lib, x, w, s, z, N)
     assert np.isfinite(out).all()
     ref = reference(x, w, s, z, G)
@@ -65,3 +67,26 @@ def test_bad_shapes_raise_user_error(args):
 def test_unknown_target_lists_names():
     with pytest.raises(UserError, match="jetson-orin"):
         gemv_w4a16(64, 256, 64, "tpu", M=1)
+
+
+def test_kernel_modules_do_not_import_tvm():
+    import subprocess
+    import sys
+
+    code = ("import sys, tvm_kernels.layout, tvm_kernels.targets, tvm_kernels.gemv_w4a16, tvm_kernels.cuda_env; "
+            "sys.exit('tvm' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("target", ["cuda-sm90", "jetson-orin", "jetson-orin-nano", "cuda-sm86"])
+def test_cuda_config_is_valid_for_decode_shapes(target):
+    from tvm_kernels.gemv_w4a16 import cuda_config
+    from tvm_kernels.targets import get_target
+
+    t = get_target(target)
+    for N, K in [(12288, 4096), (4096, 11008), (960, 576), (100, 96), (77, 640), (32000, 4096)]:
+        for M in (1, 3, 8):
+            c = cuda_config(N, K, M, t)
+            assert c.tx in (4, 8, 16, 32) and c.rows in (1, 2, 4) and c.unroll in (1, 2, 4)
+            assert c.tx * c.ty * c.ksplit <= t.max_threads_per_block
+            assert c.tx * c.ksplit <= max(4, K // 32) or c.tx == 4  # no lane group without any chunk

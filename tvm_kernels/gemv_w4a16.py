@@ -131,6 +131,13 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
     KW, NG = K // 8, K // G
     NSHUF = TX.bit_length() - 1
 
+    # Index helpers (plain Python, expanded by the TVMScript parser into the expressions they return).
+    def chunk(o, u, ty, tx):  # the 16-byte chunk of a row this lane reads at step (o, u)
+        return ((o * U + u) * KS + ty // TY) * TX + tx
+
+    def row(bx, ty, r):  # the output row; loads clamp it to N - 1 and the store skips it past N
+        return (bx * TY + ty % TY) * R + r
+
     @T.prim_func(s_tir=True)
     def gemv(
         x: T.Buffer((M, K), "float16"),
@@ -160,26 +167,26 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                         for o in T.serial(OUTER):
                             for u in T.unroll(U):
                                 for r in T.unroll(R):
-                                    if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
+                                    if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
                                         for v in T.vectorized(4):
                                             wv[u, r, v] = weight[
-                                                T.min((bx * TY + ty % TY) * R + r, N - 1),
-                                                (((o * U + u) * KS + ty // TY) * TX + tx) * 4 + v,
+                                                T.min(row(bx, ty, r), N - 1),
+                                                chunk(o, u, ty, tx) * 4 + v,
                                             ]
                                         sc[u, r] = T.Cast("float32", scales[
-                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG])
+                                            T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
                                         zz[u, r] = (T.Cast("uint32", zeros[
-                                            T.min((bx * TY + ty % TY) * R + r, N - 1), (((o * U + u) * KS + ty // TY) * TX + tx) // CPG])
+                                            T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
                                             + T.uint32(0x6400)) * T.uint32(0x00010001)
                             for u in T.unroll(U):
-                                if (not K_TAIL) or (((o * U + u) * KS + ty // TY) * TX + tx < CH):
+                                if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
                                     for m, r in T.grid(M, R):
                                         part[m, r] = T.float32(0)
                                         h[m, r] = T.uint32(0)
                                     for j in T.unroll(4):
                                         for m in T.unroll(M):
                                             for v in T.vectorized(4):
-                                                xw[v] = xu[m, (((o * U + u) * KS + ty // TY) * TX + tx) * 16 + j * 4 + v]
+                                                xw[v] = xu[m, chunk(o, u, ty, tx) * 16 + j * 4 + v]
                                             for jj in T.unroll(4):
                                                 xp[m, jj] = T.call_pure_extern(
                                                     "uint32", "__byte_perm", xw[jj // 2], xw[jj // 2 + 2],
@@ -205,8 +212,8 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                                         T.tvm_warp_activemask(), red[0], T.shift_right(TX, s + 1), TX, 32
                                     )
                                 if KS == 1:
-                                    if tx == 0 and (bx * TY + ty % TY) * R + r < N:
-                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
+                                    if tx == 0 and row(bx, ty, r) < N:
+                                        y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
                                 else:
                                     if tx == 0:
                                         ksum[ty // TY, ty % TY, m, r] = red[0]
@@ -215,11 +222,11 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                             T.tvm_storage_sync("shared")
                             for m in T.unroll(M):
                                 for r in T.unroll(R):
-                                    if ty // TY == 0 and tx == 0 and (bx * TY + ty % TY) * R + r < N:
+                                    if ty // TY == 0 and tx == 0 and row(bx, ty, r) < N:
                                         red[0] = ksum[0, ty % TY, m, r]
                                         for kz in T.unroll(1, KS):
                                             red[0] = red[0] + ksum[kz, ty % TY, m, r]
-                                        y[m, (bx * TY + ty % TY) * R + r] = T.Cast("float16", red[0])
+                                        y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
 
     return gemv
 
