@@ -211,6 +211,10 @@ def _current_heuristic(data) -> None:
 
 
 def cmd_cpu(args) -> int:
+    if args.threads:
+        # before numpy/torch/tvm start their thread pools
+        for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
     import numpy as np
     import tvm
 
@@ -223,6 +227,8 @@ def cmd_cpu(args) -> int:
     except ImportError:
         torch = None
     t = get_target(args.target)
+    if torch is not None and args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     shapes = [("smollm2", lbl, N, K, 64) for lbl, N, K in SMOLLM2] + [("llama7b", "o", 4096, 4096, 128)]
     rng = np.random.default_rng(0)
@@ -257,10 +263,11 @@ def cmd_cpu(args) -> int:
            "target": t.name, "commit": git_commit(), "command": " ".join([sys.executable] + sys.argv),
            "date": datetime.datetime.utcnow().isoformat() + "Z", "torch_threads": torch.get_num_threads() if torch else None,
            "load_average_1_5_15": list(os.getloadavg()),  # other jobs on this machine make CPU numbers noisy
-           "timing": "min over 7 repeats (shared machine)", "rows": rows}
+           "threads": args.threads or "all", "timing": "min over 7 repeats (shared machine)", "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kernels_cpu.json").write_text(json.dumps(res, indent=1))
-    print(f"wrote {RESULTS / 'kernels_cpu.json'}")
+    name = f"kernels_cpu_{args.threads}thread.json" if args.threads else "kernels_cpu.json"
+    (RESULTS / name).write_text(json.dumps(res, indent=1))
+    print(f"wrote {RESULTS / name}")
     return 0
 
 
@@ -303,6 +310,7 @@ def main() -> int:
     c.set_defaults(func=cmd_collect)
     cp = sub.add_parser("cpu")
     cp.add_argument("--target", default="cpu")
+    cp.add_argument("--threads", type=int, default=0, help="pin TVM/numpy/torch to this many threads (0: all cores)")
     cp.set_defaults(func=cmd_cpu)
     args = p.parse_args()
     return args.func(args)

@@ -133,7 +133,10 @@ def _bad_dirs(tmp_path: Path, tiny_dir: Path) -> dict[str, Path]:
     (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
     empty = tmp_path / "empty"
     empty.mkdir()
-    return {"unknown": unknown, "alien": alien, "broken": broken, "truncated": truncated, "empty": empty}
+    notgguf = tmp_path / "model.bin"
+    notgguf.write_bytes(b"\0" * 16)
+    return {"unknown": unknown, "alien": alien, "broken": broken, "truncated": truncated, "empty": empty,
+            "notgguf": notgguf}
 
 
 @pytest.mark.parametrize(
@@ -144,6 +147,7 @@ def _bad_dirs(tmp_path: Path, tiny_dir: Path) -> dict[str, Path]:
         ("broken", [], ["config.json", "not valid JSON"]),
         ("truncated", [], ["model.safetensors", "truncated"]),
         ("empty", [], ["config.json", "missing"]),
+        ("notgguf", [], ["model.bin", ".gguf"]),
         ("odd", ["--group-size", "64"], ["--group-size 64", "in_features = 96"]),
         ("tiny", ["--calib", "/nonexistent/calib.jsonl"], ["/nonexistent/calib.jsonl", "not found"]),
         ("tiny", ["--w-bit", "5"], ["--w-bit 5"]),
