@@ -266,6 +266,8 @@ def test_cuda_exports_hold_cubins(tmp_path, target, arch, machine):
 
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
+    if target == "jetson-orin" and shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ not installed (apt-get install g++-aarch64-linux-gnu)")
     ckpt = tmp_path / "ckpt"
     make_checkpoint("llama", ckpt, awq=True)
     art = tmp_path / "art"
