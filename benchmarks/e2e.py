@@ -412,7 +412,7 @@ def cmd_device_check(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    report = {}
+    report = {"collected_by": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "notes": args.note}
     for f in args.files:
         report[Path(f).stem] = json.loads(Path(f).read_text())
     out = RESULTS / args.json
@@ -454,6 +454,7 @@ def main(argv=None) -> int:
     o = sub.add_parser("collect")
     o.add_argument("files", nargs="+")
     o.add_argument("--json", default="e2e_gpu.json")
+    o.add_argument("--note", action="append", default=[])
     o.set_defaults(func=cmd_collect)
     args = p.parse_args(argv)
     return args.func(args)

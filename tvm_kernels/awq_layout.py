@@ -28,7 +28,8 @@ def pack_awq(values: np.ndarray, bits: int = 4) -> np.ndarray:
         raise UserError(f"pack_awq: values must lie in [0, {(1 << bits) - 1}]")
     v = values.astype(np.uint32).reshape(values.shape[0], -1, 8)[:, :, list(AWQ_ORDER)]
     shifts = (np.arange(8, dtype=np.uint32) * 4)[None, None, :]
-    return np.bitwise_or.reduce(v << shifts, axis=2).view(np.int32)
+    # Contiguous so that writers that take the raw buffer (safetensors.numpy) see the logical order.
+    return np.ascontiguousarray(np.bitwise_or.reduce(v << shifts, axis=2)).view(np.int32)
 
 
 def unpack_awq(packed: np.ndarray) -> np.ndarray:
