@@ -8,7 +8,6 @@ same number of tokens, in one process, so the ratios compare like with like.
 """
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -133,35 +132,15 @@ def git_commit() -> str:
 
 
 def cmd_bench(args) -> int:
-    from runtime.bench import format_table, ratios, run_bench
-    from runtime.engine import Engine
+    from runtime.cli import bench_artifacts, report_bench
 
-    runs = []
-    for path, label in [(args.artifact, "artifact")] + [(b, "baseline") for b in args.baseline]:
-        eng = Engine(path, device=args.device, verify=not args.no_verify, synthesize_weights=args.synthesize_weights)
-        runs.append(run_bench(eng, tuple(args.prompt_lengths), args.gen_tokens, label=f"{label}:{Path(path).name}"))
-        del eng
+    runs = bench_artifacts(args)
     if args.hf:
         runs.append(hf_bench(args.hf, args.prompt_lengths, args.gen_tokens, args.hf_device, args.hf_dtype))
     if args.gguf:
         runs.append(llamacpp_bench(args.gguf, args.prompt_lengths, args.gen_tokens))
-    report = {
-        "command": " ".join(sys.argv),
-        "git_commit": git_commit(),
-        "host": platform.node(),
-        "machine": platform.machine(),
-        "runs": runs,
-        "ratios": [{"baseline": b["label"], "vs": ratios(runs[0], b)} for b in runs[1:] if b.get("results")],
-    }
-    print(format_table([r for r in runs if r.get("results")]))
-    for r in report["ratios"]:
-        for row in r["vs"]:
-            print(f"{runs[0]['label']} vs {r['baseline']} @ prompt {row['prompt_tokens']}: "
-                  f"decode x{row['decode_speedup']:.2f}, prefill x{row['prefill_speedup']:.2f}, TTFT x{row['ttft_ratio']:.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    report_bench(runs, args, extra={"command": " ".join(sys.argv), "git_commit": git_commit(),
+                                    "host": platform.node(), "machine": platform.machine()})
     return 0
 
 

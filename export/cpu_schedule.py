@@ -55,7 +55,8 @@ def _rules():
         if lanes == 0 or K < 4 * lanes:
             return None
         loops = sch.get_loops(info.block_rv)
-        s = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        if len(loops) > 2:
+            sch.fuse(*loops[:-1])
         _, ki = sch.split(loops[-1], factors=[None, lanes])
         rf = sch.rfactor(ki, factor_axis=-1)  # lanes innermost: contiguous partial sums
         sch.vectorize(sch.get_loops(rf)[-1])

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,7 +76,7 @@ def _check_group(cfg: ModelConfig, where: str) -> None:
     if cfg.group_size is None:
         return
     G = cfg.group_size
-    H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    H, D = cfg.num_attention_heads, cfg.head_dim
     for k in (cfg.hidden_size, H * D, cfg.intermediate_size):
         if k % G:
             raise UserError(f"{where}: in_features {k} is not a multiple of group size {G}")

@@ -15,7 +15,6 @@ offline machine), so no build step runs on the board. runtime/tvm_loader.py look
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import os
 import shutil
 import subprocess

@@ -79,25 +79,41 @@ def cmd_bundle(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    """Runtime-only bench (no --hf): the artifact and optional baseline artifacts."""
-    from runtime.bench import format_table, ratios, run_bench
+def bench_artifacts(args) -> list[dict]:
+    """Bench the artifact and its --baseline artifacts one after the other, in this process."""
+    from runtime.bench import run_bench
+    from runtime.engine import Engine
 
     runs = []
     for path, label in [(args.artifact, "artifact")] + [(b, "baseline") for b in args.baseline]:
-        from runtime.engine import Engine
-
         eng = Engine(path, device=args.device, verify=not args.no_verify, synthesize_weights=args.synthesize_weights)
-        runs.append(run_bench(eng, tuple(args.prompt_lengths), args.gen_tokens, label=f"{label}:{path.name}"))
-        del eng
-    report = {"runs": runs, "ratios": [{"baseline": b["label"], "vs": ratios(runs[0], b)} for b in runs[1:]]}
-    print(format_table(runs))
+        runs.append(run_bench(eng, tuple(args.prompt_lengths), args.gen_tokens, label=f"{label}:{Path(path).name}"))
+        del eng  # free its device memory before the next artifact loads
+    return runs
+
+
+def report_bench(runs: list[dict], args, extra: dict | None = None) -> dict:
+    """Print the table and the ratios of the first run against the others; write --json."""
+    from runtime.bench import format_table, ratios
+
+    timed = [r for r in runs if r.get("results")]
+    report = {**(extra or {}), "runs": runs,
+              "ratios": [{"baseline": b["label"], "vs": ratios(runs[0], b)} for b in timed[1:]]}
+    print(format_table(timed))
     for r in report["ratios"]:
         for row in r["vs"]:
-            print(f"vs {r['baseline']} @ {row['prompt_tokens']}: decode x{row['decode_speedup']:.2f}, "
-                  f"prefill x{row['prefill_speedup']:.2f}")
+            print(f"{runs[0]['label']} vs {r['baseline']} @ prompt {row['prompt_tokens']}: "
+                  f"decode x{row['decode_speedup']:.2f}, prefill x{row['prefill_speedup']:.2f}, TTFT x{row['ttft_ratio']:.2f}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return report
+
+
+def cmd_bench(args) -> int:
+    """Runtime-only bench (no --hf): the artifact and optional baseline artifacts."""
+    report_bench(bench_artifacts(args), args)
     return 0
 
 
