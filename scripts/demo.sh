@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled default model (SmolLM2-135M-Instruct), all on CPU:
 # FP16 reference -> AWQ INT4 g64 checkpoint -> perplexity FP16 vs AWQ -> cpu export -> generate.
-# About 15-20 minutes on an idle 2-core machine (AWQ search ~10 min, TVM compile ~1 min).
+# About 10 minutes on a 2-core machine once .venv exists (AWQ search ~9 min, TVM compile ~15 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
