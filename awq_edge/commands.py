@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=None, help="draw calibration blocks at random with this seed "
                    "(default: the first blocks in file order)")
     q.add_argument("--device", default=None, help="where each decoder block is processed: cuda or cpu (default cuda when present)")
+    q.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
+                   help="search s = mean|x|^a (llm-awq) instead of mean|x|^a / mean|w|^(1-a) (AutoAWQ, default)")
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
     q.set_defaults(func=cmd_quantize)
 
@@ -113,7 +115,8 @@ def validate_quantize(args):
             )
         if linear.out_features % 8:
             raise UserError(f"{name}.out_features = {linear.out_features} is not a multiple of 8 (AWQ GEMM packing)")
-    qcfg = QuantConfig(w_bit=args.w_bit, group_size=args.group_size, zero_point=True, method=args.method)
+    qcfg = QuantConfig(w_bit=args.w_bit, group_size=args.group_size, zero_point=True, method=args.method,
+                       duo_scaling=args.duo_scaling)
     return folder, config, adapter, qcfg, calib
 
 

@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--device", default="cpu", help="where quantization runs (eval runs there too; float32 on CPU)")
+    p.add_argument("--no-duo-scaling", dest="duo_scaling", action="store_false",
+                   help="llm-awq's s = mean|x|^a instead of AutoAWQ's s = mean|x|^a / mean|w|^(1-a)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_smollm2.json"))
     p.add_argument("--merge", action="store_true", help="keep the other rows already in --out (re-run only --rows)")
     p.add_argument("--combine", nargs="+", metavar="JSON", help="only merge result files of runs made with the "
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         "commit": git_commit(),
         "device": device_info(args.device),
         "model": str(fp16_dir.relative_to(REPO)) if fp16_dir.is_relative_to(REPO) else str(fp16_dir),
-        "settings": {"group_size": args.group_size, "seqlen": args.seqlen, "windows": args.windows,
+        "settings": {"duo_scaling": args.duo_scaling, "group_size": args.group_size, "seqlen": args.seqlen, "windows": args.windows,
                      "calib": str(default_calib()), "calib_samples": args.calib_samples,
                      "calib_seqlen": args.calib_seqlen, "calib_order": "file order", "eval_dtype": str(eval_dtype)},
         "published": PUBLISHED,
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
             else:
                 method, bits = ROWS[name]
                 model, _, _ = load_model(fp16_dir, dtype=torch.float16, tokenizer=tokenizer)
-                cfg = QuantConfig(w_bit=bits, group_size=args.group_size, method=method)
+                cfg = QuantConfig(w_bit=bits, group_size=args.group_size, method=method, duo_scaling=args.duo_scaling)
                 t = time.perf_counter()
                 qlinears = quantize_model(model, adapter, calib_ids if method == "awq" else None, cfg,
                                           device=args.device, progress=True)
