@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from awq_edge.errors import UserError
+from tvm_kernels.layout import GROUP_SIZES
 
 W_BITS = (3, 4)
-GROUP_SIZES = (32, 64, 128)
 
 
 def default_calib() -> Path:

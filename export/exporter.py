@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from export.errors import UserError
+from tvm_kernels.layout import GROUP_SIZES
 from export.model import FAMILIES, FUNCTIONS, ModelConfig, build_module, config_from_hf, family_of
 from export.weights import (LinearSource, QuantConfig, SafetensorsFolder, quant_config, read_config,
                             tokenizer_files)
@@ -328,7 +329,7 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
     t0 = time.perf_counter()
     where = "config"
     family_of(hf_config, where)
-    if group_size is not None and group_size not in (32, 64, 128):
+    if group_size is not None and group_size not in GROUP_SIZES:
         raise UserError(f"group size {group_size}: the kernels support 32, 64 and 128")
     cfg = config_from_hf(hf_config, where, group_size=group_size, context_length=context_length,
                          prefill_chunk_size=prefill_chunk)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from export.errors import UserError
+from tvm_kernels.layout import GROUP_SIZES
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -105,7 +106,7 @@ def quant_config(config: dict[str, Any], where: Path) -> QuantConfig | None:
     group = int(qc.get("group_size", qc.get("q_group_size", 128)))
     if bits not in (3, 4):
         raise UserError(f"{where}/config.json: {bits}-bit weights; the kernels run 4-bit (and INT3 in its 4-bit container)")
-    if group not in (32, 64, 128):
+    if group not in GROUP_SIZES:
         raise UserError(f"{where}/config.json: group size {group}; the kernels support 32, 64 and 128")
     return QuantConfig(bits, group, bool(qc.get("zero_point", True)),
                        tuple(qc.get("modules_to_not_convert") or ()))

@@ -215,19 +215,20 @@ class Engine:
         self.cached.extend(int(i) for i in ids)
         return out
 
-    def _check_room(self, n_new: int):
-        if len(self.cached) + n_new > self.context_length:
-            raise UserError(f"prompt too long: {len(self.cached) + n_new} tokens exceed the context length "
+    def _check_fits(self, n_total: int):
+        if n_total > self.context_length:
+            raise UserError(f"prompt too long: {n_total} tokens exceed the context length "
                             f"{self.context_length} of this artifact (export with a larger --context-length)")
+
+    def _check_room(self, n_new: int):
+        self._check_fits(len(self.cached) + n_new)
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Bring the cache to hold exactly `ids`; return the last position's logits (vocab floats)."""
         ids = [int(i) for i in ids]
         if not ids:
             raise UserError("empty prompt")
-        if len(ids) > self.context_length:
-            raise UserError(f"prompt too long: {len(ids)} tokens exceed the context length {self.context_length} "
-                            f"of this artifact (export with a larger --context-length)")
+        self._check_fits(len(ids))  # the cache will hold exactly `ids` (shared prefix kept)
         common = 0
         for a, b in zip(self.cached, ids):
             if a != b:

@@ -27,10 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tvm_kernels.errors import UserError
-from tvm_kernels.layout import dequantize_kernel_layout
+from tvm_kernels.layout import GROUP_SIZES, dequantize_kernel_layout
 from tvm_kernels.targets import DeviceTarget, get_target
-
-GROUP_SIZES = (32, 64, 128)
 
 
 def reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tvm_kernels.errors import UserError
-from tvm_kernels.layout import dequantize_kernel_layout
+from tvm_kernels.layout import GROUP_SIZES, dequantize_kernel_layout
 from tvm_kernels.targets import DeviceTarget, get_target
 
 MAX_M = 8
@@ -42,8 +42,8 @@ def reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.n
 
 
 def _check_shape(N: int, K: int, group_size: int, M: int) -> None:
-    if group_size not in (32, 64, 128):
-        raise UserError(f"gemv_w4a16: group size must be 32, 64 or 128, got {group_size}")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"gemv_w4a16: group size must be one of {GROUP_SIZES}, got {group_size}")
     if N <= 0 or K <= 0 or K % group_size:
         raise UserError(f"gemv_w4a16: K={K} must be a positive multiple of the group size {group_size} (N={N})")
     if not 1 <= M <= MAX_M:

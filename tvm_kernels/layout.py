@@ -17,6 +17,9 @@ import numpy as np
 from tvm_kernels.awq_layout import unpack_awq
 from tvm_kernels.errors import UserError
 
+# Group sizes the kernels are built and tested for (the quantizer CLI and export accept only these).
+GROUP_SIZES = (32, 64, 128)
+
 
 def _check_group(K: int, group_size: int, what: str) -> None:
     if group_size <= 0 or group_size % 8 or K % group_size:
