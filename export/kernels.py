@@ -21,6 +21,35 @@ def make_linear_op(provider: str, target):
     return _tvm_kernels_linear(target) if provider == "tvm_kernels" else _dequant_linear
 
 
+def make_norm_ops(device_target):
+    """(rms_norm(x2d, w, eps) -> y2d, add_rms_norm(x2d, r2d, w, eps) -> (y2d, sum2d)): the fused kernels of
+    tvm_kernels.fused_ops, marked opaque like the linears (they arrive scheduled)."""
+    from tvm.relax.frontend.nn import Tensor, op
+
+    from tvm_kernels.fused_ops import add_rms_norm
+
+    cache: dict = {}
+
+    def kernel(H: int, eps: float, residual: bool):
+        key = (H, eps, residual)
+        if key not in cache:
+            f = add_rms_norm(H, eps, device_target, residual=residual)
+            cache[key] = f.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
+        return cache[key]
+
+    def rms_norm(x, w, eps: float):
+        M, H = x.shape
+        return op.tensor_ir_op(kernel(int(H), eps, False), f"rms_norm_h{H}", [x, w],
+                               Tensor.placeholder([M, H], "float16"))
+
+    def add_rms_norm_op(x, r, w, eps: float):
+        M, H = x.shape
+        return op.tensor_ir_op(kernel(int(H), eps, True), f"add_rms_norm_h{H}", [x, r, w],
+                               [Tensor.placeholder([M, H], "float16"), Tensor.placeholder([M, H], "float16")])
+
+    return rms_norm, add_rms_norm_op
+
+
 def matmul_nt(x, weight, out_dtype: str = "float32"):
     """y[..., n] = sum_k x[..., k] * weight[n, k] accumulated in float32, as one TE op: no transposed
     copy of the weight (relax's matmul(x, permute_dims(w)) materializes one per call unless a

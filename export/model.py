@@ -134,9 +134,10 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
 # ----------------------------------------------------------------------------------------------
 # The nn.Module. tvm is imported lazily so that `awq-edge --help` stays fast.
 
-def build_module(cfg: ModelConfig, linear_op: Callable | None):
+def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable]):
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
-    (see export.kernels); unused for FP16 models."""
+    (see export.kernels); unused for FP16 models. `norm_ops` = (rms_norm, add_rms_norm), the fused
+    kernels of export.kernels.make_norm_ops."""
     from tvm import relax as rx
     from tvm import te
     from tvm.relax.frontend import nn
@@ -203,30 +204,50 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None):
             gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
             return self.down_proj(op.silu(gate) * up)
 
-    def rms_norm():
-        return nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype="float16")
+    rms_norm_op, add_rms_norm_op = norm_ops
+
+    class RMSNorm(nn.Module):
+        """RMSNorm whose `add` form also takes the residual stream: one kernel returns the normalized sum
+        and the sum itself (the residual for the next block)."""
+
+        def __init__(self):
+            self.weight = nn.Parameter((cfg.hidden_size,), "float16")
+
+        def forward(self, x):
+            b, s, d = x.shape
+            return op.reshape(rms_norm_op(op.reshape(x, (b * s, d)), self.weight, cfg.rms_norm_eps), (b, s, d))
+
+        def add(self, x, residual):
+            b, s, d = x.shape
+            y, total = add_rms_norm_op(op.reshape(x, (b * s, d)), op.reshape(residual, (b * s, d)), self.weight,
+                                       cfg.rms_norm_eps)
+            return op.reshape(y, (b, s, d)), op.reshape(total, (b, s, d))
 
     class Layer(nn.Module):
         def __init__(self):
-            self.input_layernorm = rms_norm()
+            self.input_layernorm = RMSNorm()
             self.self_attn = Attention()
-            self.post_attention_layernorm = rms_norm()
+            self.post_attention_layernorm = RMSNorm()
             self.mlp = MLP()
 
-        def forward(self, x, kv, layer_id: int):
-            x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
-            return x + self.mlp(self.post_attention_layernorm(x))
+        def forward(self, h, residual, kv, layer_id: int, next_norm: RMSNorm):
+            """h = input_layernorm(residual) on entry; returns (next_norm(new residual), new residual)."""
+            h, residual = self.post_attention_layernorm.add(self.self_attn(h, kv, layer_id), residual)
+            return next_norm.add(self.mlp(h), residual)
 
     class Decoder(nn.Module):
         def __init__(self):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype="float16")
             self.layers = nn.ModuleList([Layer() for _ in range(cfg.num_hidden_layers)])
-            self.norm = rms_norm()
+            self.norm = RMSNorm()
 
         def forward(self, x, kv):
-            for i, layer in enumerate(self.layers):
-                x = layer(x, kv, i)
-            return self.norm(x)
+            layers = list(self.layers)
+            h, residual = layers[0].input_layernorm(x), x
+            for i, layer in enumerate(layers):
+                nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+                h, residual = layer(h, residual, kv, i, nxt)
+            return h
 
     class CausalLM(nn.Module):
         def __init__(self):
