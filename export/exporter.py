@@ -25,7 +25,8 @@ from export.weights import (LinearSource, QuantConfig, SafetensorsFolder, quant_
                             tokenizer_files)
 
 LIBRARY = "model.so"
-PARAMS = "params.safetensors"
+PARAMS = "params.safetensors"  # the weights when they fit one shard; else params-0000i-of-0000N.safetensors
+SHARD_BYTES = 1 << 30  # at most this many bytes of tensor data per shard (a larger tensor gets one alone)
 DEFAULT_PAGE_SIZE = 16
 
 
@@ -102,7 +103,9 @@ class _Params:
 
     def _hf(self, ours: str) -> str:
         # "model.layers.3.self_attn.q_proj" in our tree -> the checkpoint's name
-        return self.prefix + ours.removeprefix("model.")
+        renames = dict(self.fam.renames)  # a component renamed to "" is dropped (OPT's fc1 sits in the layer)
+        parts = (renames.get(c, c) for c in ours.removeprefix("model.").split("."))
+        return self.prefix + ".".join(p for p in parts if p)
 
     def _linear(self, prefix: str) -> dict[str, np.ndarray]:
         parent, leaf = prefix.rsplit(".", 1)
@@ -148,12 +151,13 @@ def _safetensors_header(params: list[dict[str, Any]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_params(path: Path, params: list[dict[str, Any]], get: Callable[[str], np.ndarray]) -> None:
+def write_params(path: Path, params: list[dict[str, Any]], get: Callable[[str], np.ndarray], bar=None) -> None:
     """Stream a safetensors file tensor by tensor (the header is known from the shapes), so memory
     holds one fused linear at a time rather than the whole model."""
+    own = bar is None
+    bar = _progress(len(params), "weights") if own else bar
     with open(path, "wb") as f:
         f.write(_safetensors_header(params))
-        bar = _progress(len(params), "weights")
         for p in params:
             arr = np.ascontiguousarray(get(p["name"]))
             if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
@@ -161,7 +165,44 @@ def write_params(path: Path, params: list[dict[str, Any]], get: Callable[[str], 
                                 f"expects {p['dtype']}{p['shape']} (config.json and weights disagree)")
             f.write(arr.tobytes())
             bar.update(1)
+    if own:
         bar.close()
+
+
+def _nbytes(p: dict[str, Any]) -> int:
+    return int(np.prod(p["shape"], dtype=np.int64)) * np.dtype(p["dtype"]).itemsize
+
+
+def plan_shards(params: list[dict[str, Any]], shard_bytes: int) -> list[list[dict[str, Any]]]:
+    """Consecutive params grouped into shards of at most `shard_bytes` of data each, in manifest order."""
+    shards: list[list[dict[str, Any]]] = []
+    size = 0
+    for p in params:
+        n = _nbytes(p)
+        if not shards or (shards[-1] and size + n > shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += n
+    return shards
+
+
+def write_sharded_params(folder: Path, params: list[dict[str, Any]], get: Callable[[str], np.ndarray],
+                         shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Write the weights as `params.safetensors`, or as shards params-0000i-of-0000N.safetensors when
+    they exceed `shard_bytes`; sets each param's "file". Returns the file names."""
+    if shard_bytes < 1:
+        raise UserError(f"shard size {shard_bytes}: expected a positive number of bytes")
+    shards = plan_shards(params, shard_bytes)
+    names = [PARAMS] if len(shards) == 1 else [f"params-{i:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(1, len(shards) + 1)]
+    bar = _progress(len(params), "weights")
+    for name, group in zip(names, shards):
+        for p in group:
+            p["file"] = name
+        write_params(folder / name, group, get, bar)
+    bar.close()
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,12 +213,13 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
     import tvm
     from tvm import relax
 
-    from export.kernels import make_linear_op, make_norm_ops
+    from export.kernels import make_linear_op, make_norm_ops, split_kv_decode
 
     target = device_target.tvm_target()
     with target:
         linear_op = make_linear_op(kernels, device_target) if cfg.group_size is not None else None
-        module, spec = build_module(cfg, linear_op, make_norm_ops(device_target))
+        module, spec = build_module(cfg, linear_op, make_norm_ops(device_target),
+                                    lambda rope_mode: split_kv_decode(device_target, rope_mode))
         mod, named = module.export_tvm(spec=spec)
         params = [{"name": n, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for n, p in named]
         config = {"relax.backend.use_cuda_graph": bool(cuda_graph and device_target.is_cuda)}
@@ -256,18 +298,27 @@ def _write_artifact(out: Path, force: bool, fill: Callable[[Path], None]) -> Pat
 
 
 def _kv_manifest(cfg: ModelConfig) -> dict[str, Any]:
+    # sliding_window is the cache's whole-sequence window (create_kv_cache's support_sliding_window),
+    # unused; per-layer windows (Gemma3's local layers) are compiled into the library: the cache
+    # attends those layers over their last layer_sliding_window tokens and keeps every token for the others.
+    sliding = cfg.sliding_layers()
     return {"page_size": DEFAULT_PAGE_SIZE, "max_total_seq_len": cfg.context_length,
             "prefill_chunk_size": cfg.prefill_chunk_size, "max_batch_size": 1, "sliding_window": 0,
-            "dtype": "float16"}
+            "layer_sliding_window": cfg.sliding_window if any(sliding) else 0,
+            "sliding_layers": [i for i, s in enumerate(sliding) if s], "dtype": "float16"}
 
 
 def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool = False,
                       context_length: int | None = None, prefill_chunk: int | None = None,
-                      kernels: str = "tvm_kernels", cuda_graph: bool = True) -> dict[str, Any]:
-    """Export an AWQ GEMM or FP16 Hugging Face checkpoint folder. Returns a summary (times, sizes)."""
+                      kernels: str = "tvm_kernels", cuda_graph: bool = True,
+                      shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
+    """Export an AWQ GEMM or FP16 Hugging Face checkpoint folder. Returns a summary (times, sizes).
+    The weights go to one params.safetensors, or to shards of at most `shard_bytes` of data each."""
     from runtime.manifest import Manifest
 
     checkpoint = Path(checkpoint)
+    if shard_bytes < 1:
+        raise UserError(f"shard size {shard_bytes}: expected a positive number of bytes")
     if not checkpoint.is_dir():
         raise UserError(f"CHECKPOINT {checkpoint}: no such folder")
     t0 = time.perf_counter()
@@ -290,9 +341,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
         ex, params = build_library(cfg, dt, kernels, cuda_graph)
         _export_library(ex, tmp / LIBRARY, dt)
         t2 = time.perf_counter()
-        for p in params:
-            p["file"] = PARAMS
-        write_params(tmp / PARAMS, params, source.get)
+        files = write_sharded_params(tmp, params, source.get, shard_bytes)
         t3 = time.perf_counter()
         for f in tok_files:
             shutil.copy2(f, tmp / f.name)
@@ -307,7 +356,8 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
         )
         manifest.write(tmp)
         summary.update(compile_s=round(t2 - t1, 2), weights_s=round(t3 - t2, 2),
-                       library_bytes=(tmp / LIBRARY).stat().st_size, params_bytes=(tmp / PARAMS).stat().st_size)
+                       library_bytes=(tmp / LIBRARY).stat().st_size,
+                       params_bytes=sum((tmp / f).stat().st_size for f in files), params_files=len(files))
 
     path = _write_artifact(Path(out), force, fill)
     summary.update(out=str(path), total_s=round(time.perf_counter() - t0, 2), target=dt.name,

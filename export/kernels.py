@@ -9,6 +9,8 @@ Two providers with one signature `linear(x2d, weight, scales, zeros, N, K, G) ->
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from export.errors import UserError
 
 PROVIDERS = ("tvm_kernels", "dequant")
@@ -48,6 +50,36 @@ def make_norm_ops(device_target):
                                [Tensor.placeholder([M, H], "float16"), Tensor.placeholder([M, H], "float16")])
 
     return rms_norm, add_rms_norm_op
+
+
+@contextmanager
+def split_kv_decode(device_target, rope_mode: int):
+    """While TVM's paged KV cache is being built, hand it tvm_kernels.decode_attention (split-KV) as its
+    decode kernel for full-attention fp16 layers on CUDA.
+
+    The cache has no parameter for this: TIRPagedKVCache looks its kernel builders up by name in
+    tvm.relax.frontend.nn.llm.kv_cache when constructed, so the name is swapped for the duration of
+    that call and restored after. Sliding-window layers, other dtypes, inline RoPE and the CPU keep
+    TVM's own kernels."""
+    import tvm.relax.frontend.nn.llm.kv_cache as kvc
+
+    from tvm_kernels.decode_attention import applies_to, decode_attention
+
+    if not device_target.is_cuda or not applies_to(rope_mode):
+        yield
+        return
+    stock = kvc._attention_decode
+
+    def ours(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, target, page_size=16):
+        if sliding_window or dtype != "float16":
+            return stock(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, target, page_size)
+        return decode_attention(num_kv_heads, num_qo_heads, head_dim, device_target, page_size=page_size, dtype=dtype)
+
+    kvc._attention_decode = ours
+    try:
+        yield
+    finally:
+        kvc._attention_decode = stock
 
 
 def matmul_nt(x, weight, out_dtype: str = "float32"):

@@ -15,15 +15,41 @@ from export.errors import UserError
 
 @dataclass(frozen=True)
 class Family:
+    """What distinguishes a family, as data. The module tree and parameter names are Llama's; a
+    family whose checkpoint names differ says how through `renames` (our name component -> theirs)."""
+
     name: str
     qkv_bias: bool = False  # Qwen2 adds a bias to q, k and v
+    linear_bias: bool = False  # OPT: every linear (q/k/v, o, the MLP) has a bias
     # where the decoder's tensors live in the checkpoint: the first prefix that holds embed_tokens
     weight_prefixes: tuple[str, ...] = ("model.",)
     lm_head: str = "lm_head.weight"
     text_config: str | None = None  # multimodal configs nest the language model's fields here
+    renames: tuple[tuple[str, str], ...] = ()  # to "": the component is dropped
+    # config.json keys that differ from Llama's: (Llama's key, this family's key)
+    config_keys: tuple[tuple[str, str], ...] = ()
+    # config values the module below assumes: (key, value); a config that lacks the key has HF's default
+    requires: tuple[tuple[str, Any], ...] = ()
+    # config keys whose values must be equal: (key, other key, what is not exported otherwise)
+    requires_equal: tuple[tuple[str, str, str], ...] = ()
+    norm: str = "rms"  # "rms" | "rms_one_plus" (Gemma: x_hat * (1 + w) in float32) | "layernorm" (with bias)
+    norm_eps_default: float = 1e-6
+    qk_norm: bool = False  # Gemma3: RMSNorm of each q and k head before RoPE
+    sandwich_norms: bool = False  # Gemma3: attention/MLP outputs are normed too before the residual add
+    embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden), the factor rounded to the embedding dtype
+    gated_mlp: bool = True  # act(gate) * up -> down; False: act(up) -> down (OPT's fc1 -> relu -> fc2)
+    positions: str = "rope"  # "rope" | "learned" (OPT: a table indexed by position + position_offset)
+    position_offset: int = 0
+    # RoPE inside the module (per-layer bases: Gemma3's local and global layers) instead of the KV cache's
+    rope_in_model: bool = False
+    layer_sliding_window: bool = False  # per-layer sliding-window attention (config layer_types)
 
 
 # architectures[0] of config.json -> family. Everything else about a model comes from its config.
+_GEMMA3 = dict(norm="rms_one_plus", qk_norm=True, sandwich_norms=True, embed_scale=True, rope_in_model=True,
+               layer_sliding_window=True, config_keys=(("hidden_act", "hidden_activation"),),
+               requires=(("final_logit_softcapping", None), ("attn_logit_softcapping", None),
+                         ("use_bidirectional_attention", False)))
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("llama"),  # Llama 2/3, SmolLM2, TinyLlama, ...
     "MistralForCausalLM": Family("mistral"),
@@ -33,7 +59,24 @@ FAMILIES: dict[str, Family] = {
     "Qwen2_5_VLForConditionalGeneration": Family("qwen2_5_vl", qkv_bias=True,
                                                  weight_prefixes=("model.language_model.", "model."),
                                                  text_config="text_config"),
+    "Gemma3ForCausalLM": Family("gemma3_text", **_GEMMA3),
+    # The vision tower and projector are not exported: text-only input never reaches them.
+    "Gemma3ForConditionalGeneration": Family("gemma3", weight_prefixes=("model.language_model.", "language_model.model."),
+                                             text_config="text_config", **_GEMMA3),
+    # Pre-LN OPT (125m, 1.3b and up; 350m is post-LN) without the embedding projections.
+    "OPTForCausalLM": Family(
+        "opt", linear_bias=True, qkv_bias=True, weight_prefixes=("model.decoder.",), norm="layernorm",
+        norm_eps_default=1e-5, gated_mlp=False, positions="learned", position_offset=2,
+        renames=(("input_layernorm", "self_attn_layer_norm"), ("post_attention_layernorm", "final_layer_norm"),
+                 ("o_proj", "out_proj"), ("mlp", ""), ("up_proj", "fc1"), ("down_proj", "fc2"), ("norm", "final_layer_norm")),
+        config_keys=(("intermediate_size", "ffn_dim"), ("hidden_act", "activation_function")),
+        requires_equal=(("word_embed_proj_dim", "hidden_size", "OPT's embedding projections (project_in/out)"),),
+        requires=(("do_layer_norm_before", True), ("_remove_final_layer_norm", False), ("enable_bias", True),
+                  ("layer_norm_elementwise_affine", True))),
 }
+
+# config hidden_act -> the module's activation
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 
 @dataclass
@@ -47,7 +90,7 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int
     vocab_size: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the eps of every norm (LayerNorm's for OPT)
     rope_theta: float
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -57,9 +100,27 @@ class ModelConfig:
     group_size: int | None = None  # None: FP16 linears
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    activation: str = "silu"  # silu | gelu_tanh | gelu | relu
+    attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma3: query_pre_attn_scalar ** -0.5)
+    # per layer "full_attention" | "sliding_attention"; empty: all full
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int = 0  # window (tokens, the current one included) of the sliding layers
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma3's rope_local_base_freq)
+    rope_local_scaling: dict[str, Any] = field(default_factory=dict)
+    max_position_embeddings: int = 0  # rows of a learned position table (less its offset)
 
     def as_manifest(self) -> dict[str, Any]:
         return asdict(self)
+
+    def layer_rope(self, i: int) -> tuple[float, dict[str, Any]]:
+        if self.layer_types and self.layer_types[i] == "sliding_attention" and self.rope_local_theta is not None:
+            return self.rope_local_theta, self.rope_local_scaling
+        return self.rope_theta, self.rope_scaling
+
+    def sliding_layers(self) -> list[bool]:
+        """Which layers attend over a window narrower than the context (the others see it all)."""
+        narrow = 0 < self.sliding_window < self.context_length
+        return [narrow and t == "sliding_attention" for t in (self.layer_types or ["full_attention"] * self.num_hidden_layers)]
 
 
 def family_of(hf: dict[str, Any], where: str) -> tuple[str, Family]:
@@ -71,10 +132,8 @@ def family_of(hf: dict[str, Any], where: str) -> tuple[str, Family]:
     return arch, FAMILIES[arch]
 
 
-def _rope(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]]:
-    # transformers 5 folds rope_theta and rope_scaling into rope_parameters; 4.x has them top level.
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope(params: dict[str, Any], default_theta: float, where: str, *, in_model: bool) -> tuple[float, dict[str, Any]]:
+    theta = float(params.get("rope_theta", default_theta))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("default", "mrope"):  # mrope: text-only positions make it plain RoPE
         return theta, {}
@@ -83,7 +142,35 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]]:
         if any(k not in params for k in keys):
             raise UserError(f"{where}: llama3 rope scaling needs {', '.join(keys)}")
         return theta, {"rope_type": "llama3", **{k: params[k] for k in keys}}
-    raise UserError(f"{where}: rope scaling {kind!r} is not supported (default and llama3 are)")
+    if kind == "linear" and in_model:  # positions / factor (Gemma3's global layers)
+        return theta, {"rope_type": "linear", "factor": float(params["factor"])}
+    known = "default, llama3" + (", linear" if in_model else "")
+    raise UserError(f"{where}: rope scaling {kind!r} is not supported ({known} are)")
+
+
+def _ropes(hf: dict[str, Any], fam: Family, where: str) -> tuple[tuple[float, dict], tuple[float, dict] | None]:
+    """(global RoPE, local RoPE or None). transformers 5 folds rope_theta and rope_scaling into
+    rope_parameters (per layer type for Gemma3); 4.x has them top level (Gemma3: rope_local_base_freq)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(hf.get("rope_theta", 10000.0))
+    if "full_attention" in params or "sliding_attention" in params:
+        full = _rope(dict(params.get("full_attention") or {}), theta, where, in_model=fam.rope_in_model)
+        local = params.get("sliding_attention")
+        return full, _rope(dict(local), theta, where, in_model=fam.rope_in_model) if local else None
+    full = _rope(params, theta, where, in_model=fam.rope_in_model)
+    local = hf.get("rope_local_base_freq")
+    return full, ((float(local), {}) if local is not None else None)
+
+
+def _layer_types(hf: dict[str, Any], layers: int, where: str) -> list[str]:
+    types = hf.get("layer_types")
+    if types is None and hf.get("sliding_window_pattern"):  # transformers 4.x Gemma3
+        pattern = int(hf["sliding_window_pattern"])
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    types = list(types or [])
+    if types and (len(types) != layers or set(types) - {"full_attention", "sliding_attention"}):
+        raise UserError(f"{where}: layer_types must list full_attention / sliding_attention for each of {layers} layers")
+    return types
 
 
 def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, context_length: int | None = None,
@@ -92,11 +179,18 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
     arch, fam = family_of(hf, where)
     if fam.text_config and isinstance(hf.get(fam.text_config), dict):
         hf = {**hf, **{k: v for k, v in hf[fam.text_config].items() if v is not None}}
+    hf = {**hf, **{ours: hf[theirs] for ours, theirs in fam.config_keys if theirs in hf}}
+    for key, want in fam.requires:
+        if key in hf and hf[key] != want:
+            raise UserError(f"{where}: {key}={hf[key]!r} is not supported for {arch} (the export needs {want!r})")
+    for key, other, what in fam.requires_equal:
+        if key in hf and hf[key] != hf.get(other):
+            raise UserError(f"{where}: {key} {hf[key]} differs from {other} {hf.get(other)}; {what} are not exported")
     if hf.get("mlp_bias"):
         raise UserError(f"{where}: mlp_bias is not supported")
     act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise UserError(f"{where}: hidden_act {act!r}; the module implements SwiGLU (silu)")
+    if act not in ACTIVATIONS:
+        raise UserError(f"{where}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)} are)")
     try:
         hidden = int(hf["hidden_size"])
         heads = int(hf["num_attention_heads"])
@@ -106,13 +200,16 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
     except KeyError as e:
         raise UserError(f"{where}: config lacks {e.args[0]}") from None
     head_dim = int(hf.get("head_dim") or hidden // heads)
-    theta, scaling = _rope(hf, where)
+    (theta, scaling), local = _ropes(hf, fam, where)
     max_pos = int(hf.get("max_position_embeddings", 4096))
     ctx = int(context_length or min(max_pos, 4096))
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    if window and ctx > int(window):
+    types = _layer_types(hf, layers, where) if fam.layer_sliding_window else []
+    if window and ctx > int(window) and not fam.layer_sliding_window:
         raise UserError(f"{where}: context length {ctx} exceeds the model's sliding window {window}; "
                         f"pass --context-length {window} or less (sliding-window attention is not exported)")
+    if fam.layer_sliding_window and "sliding_attention" in types and not window:
+        raise UserError(f"{where}: layer_types has sliding_attention layers but no sliding_window")
     if ctx > max_pos:
         raise UserError(f"--context-length {ctx} exceeds max_position_embeddings {max_pos} of {where}")
     chunk = int(prefill_chunk_size or min(ctx, 2048))
@@ -120,24 +217,34 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
         raise UserError(f"--prefill-chunk {chunk}: expected 1..{ctx} (the context length)")
     eos = hf.get("eos_token_id")
     eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    scalar = hf.get("query_pre_attn_scalar")
     return ModelConfig(
         family=fam.name, architecture=arch, hidden_size=hidden, intermediate_size=inter,
         num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=int(hf.get("num_key_value_heads") or heads), head_dim=head_dim,
-        vocab_size=vocab, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-        rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        vocab_size=vocab, rms_norm_eps=float(hf.get("rms_norm_eps", hf.get("layer_norm_eps", fam.norm_eps_default))),
+        rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=fam.qkv_bias or bool(hf.get("attention_bias", False)), context_length=ctx,
         prefill_chunk_size=chunk, group_size=group_size, bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos,
+        activation=ACTIVATIONS[act], attention_scale=float(scalar) ** -0.5 if scalar else None,
+        layer_types=types, sliding_window=int(window or 0) if types else 0,
+        rope_local_theta=local[0] if local else None, rope_local_scaling=local[1] if local else {},
+        max_position_embeddings=max_pos if fam.positions == "learned" else 0,
     )
 
 
 # ----------------------------------------------------------------------------------------------
 # The nn.Module. tvm is imported lazily so that `awq-edge --help` stays fast.
 
-def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable]):
+def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable],
+                 decode_attention: Callable | None = None):
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
     (see export.kernels); unused for FP16 models. `norm_ops` = (rms_norm, add_rms_norm), the fused
-    kernels of export.kernels.make_norm_ops."""
+    kernels of export.kernels.make_norm_ops. `decode_attention(rope_mode)`: a context manager around the
+    KV cache's construction that installs our decode kernel (export.kernels.split_kv_decode)."""
+    import contextlib
+
+    import numpy as np
     from tvm import relax as rx
     from tvm import te
     from tvm.relax.frontend import nn
@@ -181,34 +288,19 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             return Linear(k, n, bias)
         return W4Linear(k, n, cfg.group_size, bias)
 
+    fam = FAMILIES[cfg.architecture]
     H, D = cfg.num_attention_heads, cfg.head_dim
     KV = cfg.num_key_value_heads
-
-    class Attention(nn.Module):
-        def __init__(self):
-            self.qkv_proj = linear(cfg.hidden_size, (H + 2 * KV) * D, cfg.qkv_bias)
-            self.o_proj = linear(H * D, cfg.hidden_size, False)
-
-        def forward(self, x, kv, layer_id: int):
-            b, s, _ = x.shape
-            qkv = op.reshape(self.qkv_proj(x), (b, s, H + 2 * KV, D))
-            out = kv.attention_with_fused_qkv(layer_id, qkv, H, sm_scale=D ** -0.5)
-            return self.o_proj(op.reshape(out, (b, s, H * D)))
-
-    class MLP(nn.Module):
-        def __init__(self):
-            self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, False)
-            self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False)
-
-        def forward(self, x):
-            gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-            return self.down_proj(op.silu(gate) * up)
+    sliding = cfg.sliding_layers()
+    # Positions come from the KV cache (each query's position in its sequence), for a learned table
+    # or for RoPE applied here; the VM functions keep their signatures.
+    needs_positions = fam.positions == "learned" or fam.rope_in_model
 
     rms_norm_op, add_rms_norm_op = norm_ops
 
     class RMSNorm(nn.Module):
         """RMSNorm whose `add` form also takes the residual stream: one kernel returns the normalized sum
-        and the sum itself (the residual for the next block)."""
+        and the sum itself (the residual for the next block). Every norm class has both forms."""
 
         def __init__(self):
             self.weight = nn.Parameter((cfg.hidden_size,), "float16")
@@ -223,30 +315,167 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                                        cfg.rms_norm_eps)
             return op.reshape(y, (b, s, d)), op.reshape(total, (b, s, d))
 
-    class Layer(nn.Module):
-        def __init__(self):
-            self.input_layernorm = RMSNorm()
-            self.self_attn = Attention()
-            self.post_attention_layernorm = RMSNorm()
-            self.mlp = MLP()
+    class UnfusedAdd:
+        """`add` of the norms without a fused kernel: (norm(x + residual), x + residual)."""
 
-        def forward(self, h, residual, kv, layer_id: int, next_norm: RMSNorm):
+        def add(self, x, residual):
+            total = x + residual
+            return self(total), total
+
+    class OnePlusRMSNorm(UnfusedAdd, nn.Module):
+        """Gemma's RMSNorm: (x / rms(x)) * (1 + w), all in float32, then back to float16 (as HF)."""
+
+        def __init__(self, dim: int):
+            self.weight = nn.Parameter((dim,), "float16")
+
+        def forward(self, x):
+            w = self.weight.astype("float32") + 1.0
+            return op.rms_norm(x.astype("float32"), w, axes=[-1], epsilon=cfg.rms_norm_eps).astype(x.dtype)
+
+    class LayerNorm(UnfusedAdd, nn.Module):
+        """LayerNorm with bias, computed in float32."""
+
+        def __init__(self, dim: int):
+            self.dim = dim
+            self.weight = nn.Parameter((dim,), "float16")
+            self.bias = nn.Parameter((dim,), "float16")
+
+        def forward(self, x):
+            y = op.layer_norm(x.astype("float32"), self.dim, self.weight.astype("float32"),
+                              self.bias.astype("float32"), eps=cfg.rms_norm_eps)
+            return y.astype(x.dtype)
+
+    def norm(dim: int = cfg.hidden_size):
+        if fam.norm == "rms_one_plus":
+            return OnePlusRMSNorm(dim)
+        if fam.norm == "layernorm":
+            return LayerNorm(dim)
+        assert dim == cfg.hidden_size, "the fused RMSNorm kernels normalize hidden_size"
+        return RMSNorm()
+
+    def rope(qkv, positions, theta: float, scaling: dict[str, Any]):
+        """Rotate-half RoPE of the q and k heads of a fused [b, s, H + 2 KV, D] tensor, in float32
+        (HF's cos/sin), for one base; `linear` scaling divides the positions by its factor."""
+        from tvm import tirx
+        from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
+
+        factor = float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0
+        freq_func = switch_rope_freq_func({} if scaling.get("rope_type") == "linear" else scaling)
+
+        def f(x, pos):
+            def value(b, s, h, d):
+                p = pos[s].astype("float32") * tirx.const(1.0 / factor, "float32")
+                cos, sin, bindings = freq_func(p, d, D, theta, "float32")
+                half = tirx.if_then_else(d < D // 2, -x[b, s, h, d + D // 2], x[b, s, h, d - D // 2])
+                out = cos * x[b, s, h, d].astype("float32") + sin * half.astype("float32")
+                for var, val in bindings.items():
+                    out = tirx.Let(var, val, out)
+                return tirx.if_then_else(h < H + KV, out.astype(x.dtype), x[b, s, h, d])
+
+            return te.compute(x.shape, value, name="rope")
+
+        return op.tensor_expr_op(f, "rope", [qkv, positions])
+
+    class Attention(nn.Module):
+        def __init__(self):
+            self.qkv_proj = linear(cfg.hidden_size, (H + 2 * KV) * D, cfg.qkv_bias)
+            self.o_proj = linear(H * D, cfg.hidden_size, fam.linear_bias)
+            if fam.qk_norm:
+                self.q_norm, self.k_norm = norm(D), norm(D)
+
+        def forward(self, x, kv, layer_id: int, positions):
+            b, s, _ = x.shape
+            qkv = op.reshape(self.qkv_proj(x), (b, s, H + 2 * KV, D))
+            if fam.qk_norm:
+                q, k, v = op.split(qkv, [H, H + KV], axis=2)
+                qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
+            if fam.rope_in_model:
+                qkv = rope(qkv, positions, *cfg.layer_rope(layer_id))
+            scale = cfg.attention_scale if cfg.attention_scale is not None else D ** -0.5
+            out = kv.attention_with_fused_qkv(layer_id, qkv, H, sm_scale=scale)
+            return self.o_proj(op.reshape(out, (b, s, H * D)))
+
+    def act(x):
+        if cfg.activation == "gelu_tanh":
+            return op.gelu(x, approximate="tanh")
+        return {"silu": op.silu, "gelu": op.gelu, "relu": op.relu}[cfg.activation](x)
+
+    class MLP(nn.Module):
+        def __init__(self):
+            self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, fam.linear_bias)
+            self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, fam.linear_bias)
+
+        def forward(self, x):
+            gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+            return self.down_proj(act(gate) * up)
+
+    class PlainMLP(nn.Module):
+        """act(up(x)) -> down, no gate (OPT's fc1 -> relu -> fc2)."""
+
+        def __init__(self):
+            self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, fam.linear_bias)
+            self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, fam.linear_bias)
+
+        def forward(self, x):
+            return self.down_proj(act(self.up_proj(x)))
+
+    mlp = MLP if fam.gated_mlp else PlainMLP
+
+    class Layer(nn.Module):
+        """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+        def __init__(self):
+            self.input_layernorm = norm()
+            self.self_attn = Attention()
+            self.post_attention_layernorm = norm()
+            self.mlp = mlp()
+
+        def forward(self, h, residual, kv, layer_id: int, next_norm, positions=None):
             """h = input_layernorm(residual) on entry; returns (next_norm(new residual), new residual)."""
-            h, residual = self.post_attention_layernorm.add(self.self_attn(h, kv, layer_id), residual)
+            h, residual = self.post_attention_layernorm.add(self.self_attn(h, kv, layer_id, positions), residual)
             return next_norm.add(self.mlp(h), residual)
+
+    class SandwichLayer(nn.Module):
+        """Gemma3's block: the attention and MLP outputs are normed too before each residual add."""
+
+        def __init__(self):
+            self.input_layernorm = norm()
+            self.self_attn = Attention()
+            self.post_attention_layernorm = norm()
+            self.pre_feedforward_layernorm = norm()
+            self.mlp = mlp()
+            self.post_feedforward_layernorm = norm()
+
+        def forward(self, h, residual, kv, layer_id: int, next_norm, positions=None):
+            """As Layer.forward: h = input_layernorm(residual) on entry."""
+            attn = self.post_attention_layernorm(self.self_attn(h, kv, layer_id, positions))
+            h, residual = self.pre_feedforward_layernorm.add(attn, residual)
+            return next_norm.add(self.post_feedforward_layernorm(self.mlp(h)), residual)
+
+    layer = SandwichLayer if fam.sandwich_norms else Layer
 
     class Decoder(nn.Module):
         def __init__(self):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype="float16")
-            self.layers = nn.ModuleList([Layer() for _ in range(cfg.num_hidden_layers)])
-            self.norm = RMSNorm()
+            if fam.positions == "learned":
+                self.embed_positions = nn.Embedding(cfg.max_position_embeddings + fam.position_offset,
+                                                    cfg.hidden_size, dtype="float16")
+            self.layers = nn.ModuleList([layer() for _ in range(cfg.num_hidden_layers)])
+            self.norm = norm()
 
         def forward(self, x, kv):
+            positions = None
+            if needs_positions:
+                b, s, d = x.shape
+                positions = kv.get_query_positions(b * s)
+            if fam.positions == "learned":
+                pos = op.take(self.embed_positions.weight, positions + fam.position_offset, axis=0)
+                x = x + op.reshape(pos, x.shape)
             layers = list(self.layers)
             h, residual = layers[0].input_layernorm(x), x
-            for i, layer in enumerate(layers):
+            for i, layer_ in enumerate(layers):
                 nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-                h, residual = layer(h, residual, kv, i, nxt)
+                h, residual = layer_(h, residual, kv, i, nxt, positions)
             return h
 
     class CausalLM(nn.Module):
@@ -261,7 +490,10 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             return matmul_nt(h, w, "float32")
 
         def embed(self, input_ids):
-            return self.model.embed_tokens(input_ids)
+            x = self.model.embed_tokens(input_ids)
+            if fam.embed_scale:  # HF rounds the factor to the embedding dtype first
+                x = x * float(np.float16(cfg.hidden_size ** 0.5))
+            return x
 
         def prefill(self, embeds, kv):
             h = self.model(embeds, kv)
@@ -280,17 +512,29 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
 
         def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                             support_sliding_window):
+            # NORMAL: rotate-half RoPE applied to q and k before k enters the cache (as HF Llama);
+            # NONE: no RoPE (learned positions) or RoPE already applied by the module.
+            mode = RopeMode.NORMAL if fam.positions == "rope" and not fam.rope_in_model else RopeMode.NONE
+            ctx = decode_attention(mode) if decode_attention else contextlib.nullcontext()
+            with ctx:
+                return self._kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                      support_sliding_window, mode)
+
+        def _kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
+                      mode):
+            window = {"layer_sliding_window_size": cfg.sliding_window} if any(sliding) else {}
             return TIRPagedKVCache(
-                attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+                attn_kind=["mha_sliding" if s else "mha" for s in sliding] if any(sliding) else "mha",
+                max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
                 prefill_chunk_size=prefill_chunk_size, page_size=page_size,
                 support_sliding_window=support_sliding_window,
                 layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
                 num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=H, num_key_value_heads=KV,
                 qk_head_dim=D, v_head_dim=D, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-                # NORMAL: rotate-half RoPE applied to q and k before k enters the cache (as HF Llama).
-                rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=cfg.rope_theta,
-                rope_scaling=dict(cfg.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=D,
-                enable_disaggregation=False, dtype="float16", target=Target.current(),
+                rope_mode=mode, rope_scale=1, rope_theta=cfg.rope_theta,
+                rope_scaling=dict(cfg.rope_scaling) if mode == RopeMode.NORMAL else {},
+                rope_ext_factors=rx.prim_value(0), rotary_dim=D,
+                enable_disaggregation=False, dtype="float16", target=Target.current(), **window,
             )
 
     def spec():

@@ -1,0 +1,77 @@
+"""Split-KV decode attention: its numpy reference against plain softmax attention, the launch
+configuration, and the CUDA build (the numerics on the GPU are checked by the e2e device check:
+greedy tokens and perplexity of the cuda export against torch)."""
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tvm_kernels.decode_attention import applies_to, config, reference
+from tvm_kernels.errors import UserError
+from tvm_kernels.targets import get_target
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_reference_is_softmax_attention():
+    rng = np.random.default_rng(0)
+    L, H_qo, H_kv, D = 37, 6, 2, 16
+    q = rng.standard_normal((H_qo, D)).astype(np.float32)
+    k = rng.standard_normal((L, H_kv, D)).astype(np.float32)
+    v = rng.standard_normal((L, H_kv, D)).astype(np.float32)
+    out, lse = reference(q, k, v, D ** -0.5)
+    for h in range(H_qo):
+        s = k[:, h // 3] @ q[h] * D ** -0.5
+        p = np.exp(s - s.max())
+        np.testing.assert_allclose(out[h], p @ v[:, h // 3] / p.sum(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lse[h] / np.log2(np.e), np.log(np.exp(s).sum()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["cuda-sm90", "jetson-orin", "jetson-orin-nano"])
+@pytest.mark.parametrize("heads", [(32, 32, 128), (9, 3, 64), (32, 8, 128), (14, 2, 64)])
+def test_config_fits_the_block(target, heads):
+    H_qo, H_kv, D = heads
+    c = config(H_qo, H_kv, D, get_target(target))
+    assert c["bdx"] * c["vec"] == D and c["bdy"] == H_qo // H_kv
+    assert c["bdx"] * c["bdy"] * c["bdz"] <= 512 and 1 <= c["splits"] <= 32
+
+
+def test_bad_heads_and_rope_mode():
+    with pytest.raises(UserError, match="multiple"):
+        config(9, 2, 64, get_target("cuda-sm90"))
+    assert applies_to(0) and applies_to(2) and not applies_to(1)
+
+
+_BUILD = textwrap.dedent(
+    """
+    import sys
+    from tvm_kernels.cuda_env import prepare_cuda_build
+    prepare_cuda_build()
+    import tvm
+    from tvm_kernels.decode_attention import decode_attention
+    from tvm_kernels.targets import get_target
+    t = get_target(sys.argv[2])
+    funcs = {"attn_mha": decode_attention(32, 32, 128, t), "attn_gqa": decode_attention(3, 9, 64, t)}
+    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+    with t.tvm_target() as target:
+        lib = tvm.compile(mod, target=target)
+    lib.export_library(sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("target,arch", [("cuda-sm90", "sm_90"), ("jetson-orin", "sm_87")])
+def test_cuda_build(tmp_path, target, arch):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA builds need the CUDA toolkit")
+    from tvm_kernels.cuda_env import check_cubin
+
+    out = tmp_path / "attn.tar"  # a .tar needs no (cross) linker and holds the same device blob
+    proc = subprocess.run([sys.executable, "-c", _BUILD, str(out), target], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_cubin(out, arch)
