@@ -44,9 +44,11 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: float) -> t
 
 
 def applies_to(rope_mode: int) -> bool:
-    """The kernel reads keys as stored: right for rope applied before the cache (NORMAL = 0) or none
-    (NONE = 2), wrong for INLINE (1) where the kernel itself would rotate them."""
-    return int(rope_mode) != 1
+    """The kernel reads keys as stored: right for RoPE applied before the cache (RopeMode.NORMAL) or no
+    RoPE (NONE), wrong for INLINE, where the attention kernel itself would rotate q and k."""
+    from tvm.relax.frontend.nn.llm.kv_cache import RopeMode
+
+    return int(rope_mode) != int(RopeMode.INLINE)
 
 
 def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTarget) -> dict[str, int]:
@@ -86,7 +88,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
         output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32, rope_scale: T.float32,
         rope_theta: T.float32, sm_scale: T.float32,
     ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "awq_edge.kernel": "decode_attention"})
         B = T.int32()
         nnz_pages = T.int32()
         max_pages = T.int32()
