@@ -1,8 +1,15 @@
 """The decoder-only transformer as a `relax.frontend.nn` module, over TVM's paged KV cache.
 
 One module serves every supported family; a family differs only in the data of its `Family` entry
-(bias on q/k/v, where its weights live). Linears are FP16 (`nn.Linear`) or W4A16 (`W4Linear`, the
-kernels' layout: one copy of the weights for decode and prefill).
+(biases, norm kind, q/k norms, sandwich norms, embedding scale, activation, gated MLP, learned or
+rotary positions, per-layer sliding windows, where its weights live), which picks among small module
+variants. Linears are FP16 (`Linear`) or W4A16 (`W4Linear`, the kernels' layout: one copy of the
+weights for decode and prefill).
+
+Positions for a learned table (OPT) or for RoPE applied in the module (Gemma3: a base per layer kind)
+come from the paged KV cache (`get_query_positions`), so the VM functions keep their signatures.
+Gemma3's local layers use the cache's per-layer sliding window (attn_kind "mha_sliding"): they attend
+over the last `sliding_window` tokens (the current one included, as HF) at any context length.
 """
 from __future__ import annotations
 
@@ -65,7 +72,7 @@ FAMILIES: dict[str, Family] = {
                                              text_config="text_config", **_GEMMA3),
     # Pre-LN OPT (125m, 1.3b and up; 350m is post-LN) without the embedding projections.
     "OPTForCausalLM": Family(
-        "opt", linear_bias=True, qkv_bias=True, weight_prefixes=("model.decoder.",), norm="layernorm",
+        "opt", linear_bias=True, qkv_bias=True, weight_prefixes=("model.decoder.", "decoder."), norm="layernorm",
         norm_eps_default=1e-5, gated_mlp=False, positions="learned", position_offset=2,
         renames=(("input_layernorm", "self_attn_layer_norm"), ("post_attention_layernorm", "final_layer_norm"),
                  ("o_proj", "out_proj"), ("mlp", ""), ("up_proj", "fc1"), ("down_proj", "fc2"), ("norm", "final_layer_norm")),

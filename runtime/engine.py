@@ -24,7 +24,7 @@ from runtime.errors import UserError
 from runtime.manifest import Manifest
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import StopStrings, Tokenizer
-from runtime.weights import NP_DTYPES, load_safetensors
+from runtime.weights import NP_DTYPES, ParamReader
 
 REQUIRED_FUNCTIONS = ("create_kv_cache", "embed", "prefill", "decode")
 SEQ_ID = 0
@@ -134,7 +134,7 @@ class Engine:
 
     def _load_params(self, synthesize: bool, seed: int):
         m = self.manifest
-        files = {}
+        reader = ParamReader(self.folder)  # one file or shards, as each manifest entry says
         arrays = []
         rng = np.random.default_rng(seed)
         pool = None
@@ -146,22 +146,7 @@ class Engine:
                             "uint32": rng.integers(0, 2**32, 1 << 22, dtype=np.uint32)}
                 arrays.append(self._synth(pool, name, shape, dtype, rng))
                 continue
-            fname = p.get("file", "params.safetensors")
-            if fname is None:
-                raise UserError(f"{self.folder}: exported without weights (param {name!r} has no file); "
-                                f"pass --synthesize-weights for a speed run")
-            if fname not in files:
-                path = self.folder / fname
-                if not path.is_file():
-                    raise UserError(f"{path}: missing (weights-less artifact? use synthesize_weights / --synthesize-weights for speed runs)")
-                files[fname] = (path, load_safetensors(path))
-            path, tensors = files[fname]
-            if name not in tensors:
-                raise UserError(f"{path}: has no tensor {name!r} (listed in the manifest)")
-            a = tensors[name]
-            if a.shape != shape or a.dtype != np.dtype(NP_DTYPES[dtype]):
-                raise UserError(f"{path}: tensor {name!r} is {a.dtype}{list(a.shape)}, the manifest says {dtype}{list(shape)}")
-            arrays.append(self.to_device(a))
+            arrays.append(self.to_device(reader.get(p)))
         return self.ffi.convert(arrays)
 
     def _synth(self, pool, name, shape, dtype, rng):

@@ -36,7 +36,9 @@ class Manifest:
     # target: {"name": "cuda-sm90", "device": "cuda" | "cpu", "tvm_target": ..., "host_triple": ...}
     target: dict[str, Any]
     library: str  # the compiled module, relative to the folder
-    # params in the order the functions take them: [{"name", "shape", "dtype", "file"}]
+    # params in the order the functions take them: [{"name", "shape", "dtype", "file"}]; "file" is
+    # params.safetensors when the weights fit one shard (and in artifacts older than sharding), else
+    # one of the shards params-0000i-of-0000N.safetensors; null in a weights-less artifact
     params: list[dict[str, Any]]
     # name -> {"inputs": [...], "outputs": [...], "doc": ...}
     functions: dict[str, dict[str, Any]]
@@ -55,6 +57,11 @@ class Manifest:
     @property
     def context_length(self) -> int:
         return int(self.kv_cache["max_total_seq_len"])
+
+    @property
+    def param_files(self) -> list[str]:
+        """The weight files, in the order the params first use them."""
+        return list(dict.fromkeys(p["file"] for p in self.params if p.get("file")))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)

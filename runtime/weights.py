@@ -63,3 +63,32 @@ def load_safetensors(path: Path, mmap: bool = True) -> dict[str, np.ndarray]:
             raise UserError(f"{path}: tensor {name!r} runs past the end of the file or has the wrong byte count")
         out[name] = data[start + begin:start + end].view(dtype).reshape(shape)
     return out
+
+
+class ParamReader:
+    """The artifact's weights by manifest entry. Each entry names its file: `params.safetensors` when
+    the weights fit one shard (and in every artifact older than sharding), else the shards
+    `params-0000i-of-0000N.safetensors`. A file is opened (memory-mapped) once, when first needed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._files: dict[str, tuple[Path, dict[str, np.ndarray]]] = {}
+
+    def get(self, param: dict) -> np.ndarray:
+        name, shape, dtype = param["name"], tuple(int(d) for d in param["shape"]), param["dtype"]
+        fname = param.get("file", "params.safetensors")
+        if fname is None:
+            raise UserError(f"{self.folder}: exported without weights (param {name!r} has no file); "
+                            f"pass --synthesize-weights for a speed run")
+        if fname not in self._files:
+            path = self.folder / fname
+            if not path.is_file():
+                raise UserError(f"{path}: missing (weights-less artifact? use synthesize_weights / --synthesize-weights for speed runs)")
+            self._files[fname] = (path, load_safetensors(path))
+        path, tensors = self._files[fname]
+        if name not in tensors:
+            raise UserError(f"{path}: has no tensor {name!r} (listed in the manifest)")
+        a = tensors[name]
+        if a.shape != shape or a.dtype != np.dtype(NP_DTYPES[dtype]):
+            raise UserError(f"{path}: tensor {name!r} is {a.dtype}{list(a.shape)}, the manifest says {dtype}{list(shape)}")
+        return a

@@ -42,12 +42,12 @@ import tvm_ffi
 ctypes.CDLL(str(tvm_lib / "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
 sys.path.insert(0, sys.argv[4])
 from runtime.manifest import Manifest
-from export.weights import SafetensorsFolder
+from runtime.weights import ParamReader
 
 art, ids, steps = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 man = Manifest.load(art)
-w = SafetensorsFolder(art)
-params = [tvm_ffi.from_dlpack(w.get(p["name"])) for p in man.params]
+w = ParamReader(art)  # params.safetensors or the shards, as the manifest says
+params = [tvm_ffi.from_dlpack(np.array(w.get(p))) for p in man.params]
 vm = tvm_ffi.load_module(str(art / man.library))["vm_load_executable"]()
 vm["vm_initialization"](1, 0, 2, 1, 0, 2)
 kvc = man.kv_cache
@@ -74,7 +74,7 @@ for _ in range(steps):
     dec.append(logits)
     nxt = int(logits.argmax())
 np.savez(sys.argv[5], prefill=prefill, tokens=np.array(toks), decode=np.array(dec))
-assert "tvm" not in sys.modules and "torch" not in sys.modules
+assert "tvm" not in sys.modules and "torch" not in sys.modules and "export" not in sys.modules
 """
 
 
@@ -121,12 +121,16 @@ def rtn_awq(w: np.ndarray, group: int):
 def make_checkpoint(family: str, folder: Path, awq: bool):
     """A tiny random model saved as an FP16 HF folder (awq=False) or an AutoAWQ GEMM folder.
     Returns the transformers float32 model holding exactly the weights the export sees."""
+    from tiny_models import tiny_model
+
+    return save_checkpoint(*tiny_model(family), folder, awq)
+
+
+def save_checkpoint(model, cfg, folder: Path, awq: bool):
+    """`model` saved as in make_checkpoint (every linear of the decoder layers RTN-quantized when awq)."""
     import torch
     from safetensors.numpy import save_file
 
-    from tiny_models import tiny_model
-
-    model, cfg = tiny_model(family)
     model = model.half().float()  # the FP16 checkpoint's values, computed in float32
     folder.mkdir(parents=True)
     cfg_dict = cfg.to_dict()
@@ -135,7 +139,7 @@ def make_checkpoint(family: str, folder: Path, awq: bool):
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     tensors = {}
     for name, w in state.items():
-        if awq and name.endswith("_proj.weight") and ".layers." in name:
+        if awq and name.endswith(".weight") and ".layers." in name and w.ndim == 2 and "vision" not in name:
             (qw, qz, sc), deq = rtn_awq(w, GROUP)
             p = name[: -len(".weight")]
             tensors.update({f"{p}.qweight": qw, f"{p}.qzeros": qz, f"{p}.scales": sc})
@@ -347,11 +351,11 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, tiny_fp16):
     (no_tok / "tokenizer.json").unlink()
     assert "tokenizer.json" in _bad(tmp_path, capsys, no_tok, "--target", "cpu")
 
-    opt = tmp_path / "opt"
-    shutil.copytree(tiny_fp16, opt)
-    cfg = json.loads((opt / "config.json").read_text())
-    (opt / "config.json").write_text(json.dumps({**cfg, "architectures": ["OPTForCausalLM"]}))
-    assert "OPTForCausalLM" in _bad(tmp_path, capsys, opt, "--target", "cpu")
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(tiny_fp16, gpt2)
+    cfg = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    assert "GPT2LMHeadModel" in _bad(tmp_path, capsys, gpt2, "--target", "cpu")
 
     g16 = tmp_path / "g16"
     shutil.copytree(tiny_fp16, g16)
