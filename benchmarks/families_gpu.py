@@ -1,0 +1,114 @@
+"""Every exported family on the GPU: tiny random models -> cuda-sm90 artifacts -> the runtime on the GPU
+machine, logits against transformers (float32, computed here on the same FP16 / dequantized RTN W4
+weights). CI checks the same models on the CPU (tests/test_export*.py); this runs the CUDA kernels:
+the W4 GEMV/GEMM, the fused norms, our split-KV decode attention and, for Gemma3's local layers,
+TVM's sliding-window kernels.
+
+  .venv/bin/python benchmarks/families_gpu.py build            # here: checkpoints, references, exports
+  python3 benchmarks/families_gpu.py device --out $OUT          # GPU machine (runtime bundle on PYTHONPATH)
+  .venv/bin/python benchmarks/families_gpu.py collect DEVICE_JSON
+
+The prompt (40 tokens, prefilled in chunks of 8) is longer than the tiny Gemma3's sliding window (16);
+then 8 decode steps, each compared. Tolerance as the CPU tests: 0.02 + 2% of the largest |logit|.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DIR = REPO / ".gpu" / "families"
+CASES = [("llama", True), ("qwen2", True), ("gemma3", True), ("gemma3", False), ("opt", True)]
+PROMPT = [int(t) for t in np.random.default_rng(1).integers(3, 250, 40)]
+STEPS = 8
+
+
+def cmd_build(args) -> int:
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch
+
+    from test_export import make_checkpoint  # the CPU tests' tiny checkpoints, same construction
+    from tvm_kernels.cuda_env import prepare_cuda_build
+
+    prepare_cuda_build()
+    from export.exporter import export_checkpoint
+
+    DIR.mkdir(parents=True, exist_ok=True)
+    for family, awq in CASES:
+        name = f"{family}-{'awq' if awq else 'fp16'}"
+        root = DIR / name
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+        model = make_checkpoint(family, root / "ckpt", awq)
+        ids = list(PROMPT)
+        with torch.no_grad():  # greedy continuation by transformers, then its logits at every position
+            for _ in range(STEPS):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        np.savez(root / "ref.npz", ids=np.array(ids, np.int32), logits=ref[len(PROMPT) - 1:])
+        t = time.time()
+        export_checkpoint(root / "ckpt", "cuda-sm90", root / "art", context_length=64, prefill_chunk=8)
+        subprocess.run(["rm", "-rf", str(root / "ckpt")], check=True)
+        print(name, f"exported in {time.time() - t:.0f} s", flush=True)
+    return 0
+
+
+def cmd_device(args) -> int:
+    import torch  # noqa: F401  (libcudart.so.13 from torch's wheels, before the TVM runtime)
+
+    from runtime.engine import Engine
+
+    rows = []
+    for family, awq in CASES:
+        name = f"{family}-{'awq' if awq else 'fp16'}"
+        ref = np.load(DIR / name / "ref.npz")
+        ids, want = [int(i) for i in ref["ids"]], ref["logits"]
+        eng = Engine(DIR / name / "art", device="cuda")
+        got = [eng.prefill(ids[:len(PROMPT)])]
+        for t in ids[len(PROMPT):]:
+            got.append(eng.decode(t))
+        got = np.stack(got)[: len(want)]
+        tol = 0.02 + 0.02 * float(np.abs(want).max())
+        err = float(np.abs(got - want).max())
+        greedy = [int(i) for i in got.argmax(-1)[:-1]] == ids[len(PROMPT):]
+        rows.append({"case": name, "max_abs_err": err, "tolerance": tol, "ok": err <= tol, "greedy_equal": greedy})
+        print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "families_gpu.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows,
+                                                       "command": " ".join(sys.argv)}, indent=1))
+    return 0 if all(r["ok"] and r["greedy_equal"] for r in rows) else 1
+
+
+def cmd_collect(args) -> int:
+    report = json.loads(Path(args.file).read_text())
+    report["built_by"] = "benchmarks/families_gpu.py build (tiny random models of tests/tiny_models.py)"
+    report["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    (REPO / "benchmarks" / "results" / "families_gpu.json").write_text(json.dumps(report, indent=1))
+    print("wrote benchmarks/results/families_gpu.json")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build").set_defaults(func=cmd_build)
+    d = sub.add_parser("device")
+    d.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    d.set_defaults(func=cmd_device)
+    c = sub.add_parser("collect")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_collect)
+    args = p.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
