@@ -60,6 +60,47 @@ def _cuda(H: int, eps: float, dt: DeviceTarget, residual: bool):
     eps_ = T.float32(eps)
     unroll = {"pragma_auto_unroll_max_step": 256, "pragma_unroll_explicit": 1}
 
+    def loc(h):  # the thread-local slot of row element h
+        return (h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)
+
+    def elem(c, tx, v):
+        return (c * T.int64(TX) + tx) * T.int64(V) + v
+
+    # The two kernels differ only in how a thread fills its slice of the row (a + b, storing the sum,
+    # or a alone); these macros are the rest, expanded in place.
+    @T.macro
+    def squares(tx, row, part, s_loc):  # inside the first threadIdx loop: this thread's share of sum(s^2)
+        with T.sblock("part_init"):
+            t, m = T.axis.remap("SS", [tx, row])
+            part[t, m] = T.float32(0)
+        for i in range(T.int64(NC * V)):
+            with T.sblock("part"):
+                t, m, k = T.axis.remap("SSR", [tx, row, i])
+                part[t, m] = part[t, m] + T.Cast("float32", s_loc[k]) * T.Cast("float32", s_loc[k])
+
+    @T.macro
+    def normalize(row, M, part, total, s_loc, y_loc, w, y):  # block-wide sum (cross-thread allreduce), then y from the registers
+        for tx in T.thread_binding(T.int64(TX), thread="threadIdx.x"):
+            with T.sblock("total"):
+                t, m = T.axis.remap("RS", [tx, row])
+                with T.init():
+                    total[m] = T.float32(0)
+                total[m] = total[m] + part[t, m]
+        for tx in T.thread_binding(T.int64(TX), thread="threadIdx.x"):
+            for c in range(T.int64(NC)):
+                # fp32 math unrolled, then one vector store (TVM's 8-wide fp32 vectors don't compile)
+                for v in T.unroll(T.int64(V)):
+                    with T.sblock("norm"):
+                        m = T.axis.spatial(M, row)
+                        h = T.axis.spatial(T.int64(H), elem(c, tx, v))
+                        y_loc[loc(h)] = T.Cast("float16", T.rsqrt(total[m] * inv_h + eps_)
+                                               * T.Cast("float32", s_loc[loc(h)]) * T.Cast("float32", w[h]))
+                for v in T.vectorized(T.int64(V)):
+                    with T.sblock("store_norm"):
+                        m = T.axis.spatial(M, row)
+                        h = T.axis.spatial(T.int64(H), elem(c, tx, v))
+                        y[m, h] = y_loc[loc(h)]
+
     @T.prim_func(private=True, s_tir=True)
     def add_norm(pa: T.handle, pb: T.handle, w: T.Buffer((T.int64(H),), "float16"), py: T.handle, ps: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -80,42 +121,15 @@ def _cuda(H: int, eps: float, dt: DeviceTarget, residual: bool):
                         for v in T.vectorized(T.int64(V)):
                             with T.sblock("sum"):
                                 m = T.axis.spatial(M, row)
-                                h = T.axis.spatial(T.int64(H), (c * T.int64(TX) + tx) * T.int64(V) + v)
-                                s_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)] = a[m, h] + b[m, h]
+                                h = T.axis.spatial(T.int64(H), elem(c, tx, v))
+                                s_loc[loc(h)] = a[m, h] + b[m, h]
                         for v in T.vectorized(T.int64(V)):
                             with T.sblock("store_sum"):
                                 m = T.axis.spatial(M, row)
-                                h = T.axis.spatial(T.int64(H), (c * T.int64(TX) + tx) * T.int64(V) + v)
-                                s[m, h] = s_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)]
-                    with T.sblock("part_init"):
-                        t, m = T.axis.remap("SS", [tx, row])
-                        part[t, m] = T.float32(0)
-                    for i in range(T.int64(NC * V)):
-                        with T.sblock("part"):
-                            t, m, k = T.axis.remap("SSR", [tx, row, i])
-                            part[t, m] = part[t, m] + T.Cast("float32", s_loc[k]) * T.Cast("float32", s_loc[k])
-                for tx in T.thread_binding(T.int64(TX), thread="threadIdx.x"):
-                    with T.sblock("total"):
-                        t, m = T.axis.remap("RS", [tx, row])
-                        with T.init():
-                            total[m] = T.float32(0)
-                        total[m] = total[m] + part[t, m]
-                for tx in T.thread_binding(T.int64(TX), thread="threadIdx.x"):
-                    for c in range(T.int64(NC)):
-                        # fp32 math unrolled, then one vector store (TVM's 8-wide fp32 vectors don't compile)
-                        for v in T.unroll(T.int64(V)):
-                            with T.sblock("norm"):
-                                m = T.axis.spatial(M, row)
-                                h = T.axis.spatial(T.int64(H), (c * T.int64(TX) + tx) * T.int64(V) + v)
-                                y_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)] = T.Cast(
-                                    "float16", T.rsqrt(total[m] * inv_h + eps_)
-                                    * T.Cast("float32", s_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)])
-                                    * T.Cast("float32", w[h]))
-                        for v in T.vectorized(T.int64(V)):
-                            with T.sblock("store_norm"):
-                                m = T.axis.spatial(M, row)
-                                h = T.axis.spatial(T.int64(H), (c * T.int64(TX) + tx) * T.int64(V) + v)
-                                y[m, h] = y_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)]
+                                h = T.axis.spatial(T.int64(H), elem(c, tx, v))
+                                s[m, h] = s_loc[loc(h)]
+                    squares(tx, row, part, s_loc)
+                normalize(row, M, part, total, s_loc, y_loc, w, y)
 
     @T.prim_func(private=True, s_tir=True)
     def norm(pa: T.handle, w: T.Buffer((T.int64(H),), "float16"), py: T.handle):
@@ -124,7 +138,6 @@ def _cuda(H: int, eps: float, dt: DeviceTarget, residual: bool):
         a = T.match_buffer(pa, (M, T.int64(H)), "float16")
         y = T.match_buffer(py, (M, T.int64(H)), "float16")
         with T.sblock("root"):
-            # block-level buffers: lowering places each at the loops that use it (per thread / per block)
             s_loc = T.sblock_alloc_buffer((T.int64(NC * V),), "float16", scope="local")
             y_loc = T.sblock_alloc_buffer((T.int64(NC * V),), "float16", scope="local")
             part = T.sblock_alloc_buffer((T.int64(TX), M), "float32", scope="local")
@@ -135,37 +148,10 @@ def _cuda(H: int, eps: float, dt: DeviceTarget, residual: bool):
                         for v in T.vectorized(T.int64(V)):
                             with T.sblock("load"):
                                 m = T.axis.spatial(M, row)
-                                h = T.axis.spatial(T.int64(H), (c * T.int64(TX) + tx) * T.int64(V) + v)
-                                s_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)] = a[m, h]
-                    with T.sblock("part_init"):
-                        t, m = T.axis.remap("SS", [tx, row])
-                        part[t, m] = T.float32(0)
-                    for i in range(T.int64(NC * V)):
-                        with T.sblock("part"):
-                            t, m, k = T.axis.remap("SSR", [tx, row, i])
-                            part[t, m] = part[t, m] + T.Cast("float32", s_loc[k]) * T.Cast("float32", s_loc[k])
-                for tx in T.thread_binding(T.int64(TX), thread="threadIdx.x"):
-                    with T.sblock("total"):
-                        t, m = T.axis.remap("RS", [tx, row])
-                        with T.init():
-                            total[m] = T.float32(0)
-                        total[m] = total[m] + part[t, m]
-                for tx in T.thread_binding(T.int64(TX), thread="threadIdx.x"):
-                    for c in range(T.int64(NC)):
-                        # fp32 math unrolled, then one vector store (TVM's 8-wide fp32 vectors don't compile)
-                        for v in T.unroll(T.int64(V)):
-                            with T.sblock("norm"):
-                                m = T.axis.spatial(M, row)
-                                h = T.axis.spatial(T.int64(H), (c * T.int64(TX) + tx) * T.int64(V) + v)
-                                y_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)] = T.Cast(
-                                    "float16", T.rsqrt(total[m] * inv_h + eps_)
-                                    * T.Cast("float32", s_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)])
-                                    * T.Cast("float32", w[h]))
-                        for v in T.vectorized(T.int64(V)):
-                            with T.sblock("store_norm"):
-                                m = T.axis.spatial(M, row)
-                                h = T.axis.spatial(T.int64(H), (c * T.int64(TX) + tx) * T.int64(V) + v)
-                                y[m, h] = y_loc[(h // T.int64(V * TX)) * T.int64(V) + h % T.int64(V)]
+                                h = T.axis.spatial(T.int64(H), elem(c, tx, v))
+                                s_loc[loc(h)] = a[m, h]
+                    squares(tx, row, part, s_loc)
+                normalize(row, M, part, total, s_loc, y_loc, w, y)
 
     return add_norm if residual else norm
 
