@@ -1,6 +1,7 @@
 """The prefill GEMM: the llvm (CPU) kernel against its numpy reference for every group size, odd shapes
 and M = 1, 3, 8, 17, 512 (one compiled kernel per shape serves every M); the CUDA kernel builds for
-sm_90 and the Orin's sm_87 here without a GPU, into real cubins, using the tensor cores."""
+sm_90 and the Orin's sm_87 here without a GPU, into real cubins, using the tensor cores and a cp.async
+pipeline (its numerics are checked on the GPU machine: benchmarks/gemm_sweep.py)."""
 import shutil
 import subprocess
 import sys
@@ -65,11 +66,14 @@ def test_bad_shapes_raise_user_error(args):
 
 
 def test_cuda_config_rules():
-    # the planner bug workaround: an fp32 staging tile smaller than an fp16 tile buffer does not build
-    assert not valid_config(CudaConfig(warps_m=4, warps_n=2, chunk_k=4))
-    assert valid_config(CudaConfig(warps_m=4, warps_n=2, chunk_k=2))
+    # the planner bug workaround: an fp32 staging tile smaller than the x pipeline buffers does not build
+    assert not valid_config(CudaConfig(warps_m=2, warps_n=2, frags_m=4, frags_n=2, chunk_k=4, stages=3))
+    assert valid_config(CudaConfig(warps_m=2, warps_n=2, frags_m=4, frags_n=4, chunk_k=4, stages=3))
+    # static + dynamic shared memory above 48 KB with the dynamic part below it would not launch
+    assert not valid_config(CudaConfig(warps_m=2, warps_n=2, frags_m=2, frags_n=4, chunk_k=4, stages=3))
+    assert not valid_config(CudaConfig(chunk_k=1))  # the packed weight copies move 16 bytes = 32 k per row
     with pytest.raises(UserError, match="not buildable"):
-        gemm_w4a16(128, 576, 64, "cuda-sm90", config=CudaConfig(warps_m=4, warps_n=2, chunk_k=4))
+        gemm_w4a16(128, 576, 64, "cuda-sm90", config=CudaConfig(warps_m=2, warps_n=2, frags_m=4, frags_n=2))
     with pytest.raises(UserError, match="tensor cores|unknown target"):
         from tvm_kernels.targets import DeviceTarget
 
@@ -77,13 +81,31 @@ def test_cuda_config_rules():
                                                arch="sm_75"))
 
 
+@pytest.mark.parametrize("target", ["cuda-sm90", "jetson-orin", "jetson-orin-nano", "cuda-sm86", "cuda-sm89",
+                                    "cuda-sm120"])
+def test_cuda_config_fits_every_target(target):
+    from tvm_kernels.gemm_w4a16 import _OPT_IN_SHARED, cuda_config
+    from tvm_kernels.targets import get_target
+
+    t = get_target(target)
+    shapes = [(12288, 4096, 128), (4096, 4096, 128), (22016, 4096, 128), (4096, 11008, 128),  # Llama-2-7B
+              (960, 576, 64), (576, 576, 64), (3072, 576, 64), (576, 1536, 64), (100, 96, 32), (77, 640, 128)]
+    for N, K, G in shapes:
+        for fragments in ("wmma", "mma"):
+            c = cuda_config(N, K, t, fragments=fragments)
+            assert valid_config(c) and c.fragments == fragments, (N, K, c)
+            assert K % c.block_k == 0 and c.shared_bytes() <= _OPT_IN_SHARED[t.arch], (N, K, c)
+
+
 def test_cuda_dequant_is_fused_not_materialized():
     # the dequantized weight lives only in shared-memory tiles: every buffer the kernel allocates has
-    # an explicit on-chip scope (shared.dyn / wmma fragments / local), none is global
+    # an explicit on-chip scope (shared / shared.dyn / wmma fragments / local), none is global; the packed
+    # words reach shared memory as they are (uint32) and are dequantized there
     script = gemm_w4a16(4096, 4096, 128, "cuda-sm90").script()
     allocs = [line for line in script.splitlines() if "alloc_buffer(" in line]
     assert allocs and all('scope="' in line and 'scope="global"' not in line for line in allocs), allocs
-    assert "shared.dyn" in script and "wmma.matrix_b" in script
+    assert any('"uint32", scope="shared.dyn"' in line for line in allocs), allocs
+    assert "wmma.matrix_b" in script and "software_pipeline_async_stages" in script
 
 
 # One subprocess builds both archs (the stub libcuda and the nvcc callback stay out of pytest).
@@ -92,8 +114,10 @@ _BUILD = textwrap.dedent(
     import sys
     from tvm_kernels.cuda_env import check_cubin, prepare_cuda_build, set_embed_ptx
     prepare_cuda_build()
+    import re
     import tvm
-    from tvm_kernels.gemm_w4a16 import gemm_w4a16
+    from tvm_kernels.gemm_w4a16 import (BUILD_CONFIG, MMA_BUILD_CONFIG, cuda_config, gemm_w4a16,
+                                        mma_tir_pipeline)
     from tvm_kernels.targets import get_target
     out = sys.argv[1]
     for name, suffix, ptx in (("cuda-sm90", ".so", False), ("jetson-orin", ".tar", True)):
@@ -102,14 +126,28 @@ _BUILD = textwrap.dedent(
         funcs = {"gemm_llama_o": gemm_w4a16(4096, 4096, 128, t), "gemm_odd": gemm_w4a16(100, 576, 64, t),
                  "gemm_g32": gemm_w4a16(960, 352, 32, t)}
         mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-        with t.tvm_target() as target:
+        with tvm.transform.PassContext(config=BUILD_CONFIG), t.tvm_target() as target:
             lib = tvm.compile(mod, target=target)
         src = lib.mod.imports[0].inspect_source()
         assert src.count("wmma::mma_sync") >= 3, "no tensor-core MMA in the generated CUDA"
         assert "wmma::load_matrix_sync" in src
+        assert src.count("cp.async.cg.shared.global") >= 2, "no cp.async copies in the generated CUDA"
         path = out + "/" + name + suffix
         lib.export_library(path)
         print(name, check_cubin(path, t.arch, ptx=ptx))
+        # the ldmatrix + mma.sync fragments, with their build settings
+        f = gemm_w4a16(4096, 4096, 128, t, config=cuda_config(4096, 4096, t, fragments="mma"))
+        f = f.with_attr("global_symbol", "gemm_mma")
+        with tvm.transform.PassContext(config=MMA_BUILD_CONFIG), t.tvm_target() as target:
+            lib = tvm.compile(tvm.IRModule({"gemm_mma": f}), target=target, tir_pipeline=mma_tir_pipeline())
+        src = lib.mod.imports[0].inspect_source()
+        assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix.sync" in src, "no mma.sync / ldmatrix"
+        # every fragment array lowered to the thread's own registers (a full-warp array means local memory)
+        sizes = [int(n) for n in re.findall(r"_warp_ptr(?:_\\d+)?\\[(\\d+)\\];", src)]
+        assert sizes and max(sizes) <= 128, sizes
+        path = out + "/" + name + "_mma" + suffix
+        lib.export_library(path)
+        print(name, "mma", check_cubin(path, t.arch, ptx=ptx))
     """
 )
 
@@ -120,5 +158,5 @@ def test_cuda_gemm_builds_sm90_and_sm87_with_mma(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _BUILD, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "cuda-sm90 [('cubin', 90)]" in proc.stdout
-    assert "('cubin', 87)" in proc.stdout and "('ptx', 87)" in proc.stdout
+    assert "cuda-sm90 [('cubin', 90)]" in proc.stdout and "cuda-sm90 mma [('cubin', 90)]" in proc.stdout
+    assert "('cubin', 87)" in proc.stdout and "('ptx', 87)" in proc.stdout and "jetson-orin mma" in proc.stdout

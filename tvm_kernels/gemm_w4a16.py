@@ -2,19 +2,30 @@
 in the kernel layout (tvm_kernels/layout.py), FP16 activations and output, FP32 accumulation.
 
 Why this shape of kernel (CUDA, sm_80+: Orin sm_87, sm_86/89/90/120):
-- Prefill is compute-bound, so the tensor cores do the math (16x16x16 fp16 MMA fragments, fp32
-  accumulators). The weights are dequantized on their way from global to shared memory: each thread
-  loads one uint32 (8 nibbles = 8 consecutive k of one row), turns it into 8 fp16 values and stores
-  them as one 16-byte vector into the shared tile the MMA fragments read. No dequantized copy of W
-  ever reaches global memory, and the global traffic for W is a quarter of FP16's.
-- A block computes a (warps_m*frags_m*16) x (warps_n*frags_n*16) tile of y; the k loop walks
-  chunk_k*16 columns per step through double-buffered shared tiles (software pipelined: the next
-  step's global loads are in flight while the tensor cores work on this one).
+- Prefill is compute-bound, so the tensor cores do the math (16x16x16 fp16 WMMA fragments, fp32
+  accumulators). No dequantized copy of W ever reaches global memory: the global traffic for W is the
+  packed words, a quarter of FP16's.
+- A multi-stage cp.async pipeline (`stages` deep, TVM's software_pipeline_async_stages): the x tile and
+  the *packed* uint32 W tile of step k + stages - 1 are in flight while step k computes. Step k's packed
+  tile is dequantized shared -> shared (Marlin's order) into an fp16 tile right before the fragments
+  read it; the dequantize builds fp16 1024 + q from the bits 0x6400 | q (no int->float conversion,
+  a quarter-rate instruction). Inside a step the fragments of the next 16-wide k slice load while the
+  MMAs of this one run (`frag_prefetch`).
+- A block computes a (warps_m*frags_m*16) x (warps_n*frags_n*16) tile of y; `cuda_config` picks the
+  tiling from the target's SM count and shared memory (one schedule for every target).
 - M is symbolic: one compiled kernel serves every prompt length; rows past M are padded with zeros
-  in shared memory and never stored. N and K need no padding beyond the tile predicates.
-- The schedule follows TVM's dlight tensor-core matmul rule, but the tiling comes from `CudaConfig`
-  (derived from the target's shared memory) and the fetch vector is 8 halves so the dequantized word
-  lands in one 16-byte store.
+  (predicated cp.async) and never stored. N and K need no padding beyond the tile predicates.
+- Build inside `tvm.transform.PassContext(config=BUILD_CONFIG)`: without it TVM turns the cp.async
+  copies back into synchronous loads (correct, but no overlap).
+- Fragments: WMMA by default; `CudaConfig(fragments="mma")` uses ldmatrix + mma.sync m16n8k16 instead,
+  measured 0.93-1.4x the WMMA picks per shape on the H100 (2x4 warps of 64x32), but needs MMA_BUILD_CONFIG and
+  `tir_pipeline=mma_tir_pipeline()` at build time (TVM 0.27's LowerWarpMemory lowers one "warp" buffer
+  per run; without them the kernel stays correct but keeps its fragments in local memory). It becomes
+  the default once every caller (export) builds that way.
+- Where the time goes (H100, benchmarks/results/gemm_sweep_h100_cpasync*.json): this pipeline with plain
+  fp16 weights reaches only 0.35-0.44x of cuBLAS (which uses wgmma); the INT4 copy + dequantize adds
+  10-20% on top. Reaching 0.6x needs a different main loop (fewer barriers, warp-specialized or wgmma),
+  not a better dequantize.
 
 CPU (llvm): the same computation, the weight panel for a block of rows dequantized once into fp32
 (reused by every row of x), output columns parallel over cores, the inner loop vectorized along N.
@@ -62,6 +73,14 @@ def _compute(N: int, K: int, G: int, dequant_dtype: str):
     def dequant(n, k):
         shift = (k % 8).astype("uint32") * tirx.const(4, "uint32")
         q = (w[n, k // 8] >> shift) & tirx.const(15, "uint32")
+        if dequant_dtype == "float16":
+            # fp16 with the bits 0x6400 | q is exactly 1024 + q: a bit OR instead of an int->fp16
+            # conversion (a quarter-rate instruction on the GPU that would bound the kernel). Same values:
+            # (1024 + q) - (1024 + z) is the exact small integer q - z, then one rounding by the scale.
+            magic = tirx.const(0x6400, "uint16")
+            qf = tirx.reinterpret("float16", q.astype("uint16") | magic)
+            # the constant as bits too: a float literal becomes a non-foldable conversion per element
+            return (qf - (z[n, k // G] + tirx.reinterpret("float16", magic))) * s[n, k // G]
         return (q.astype(dequant_dtype) - z[n, k // G].astype(dequant_dtype)) * s[n, k // G].astype(dequant_dtype)
 
     W = te.compute((i64(N), i64(K)), dequant, name="dequant")
@@ -81,6 +100,7 @@ def _compute(N: int, K: int, G: int, dequant_dtype: str):
 # importing tvm.s_tir.tensor_intrin.cuda would register ~100 intrinsics (about 50 s of CPU parsing
 # TVMScript), once per process that builds a kernel.
 _WMMA = {"load_a": "awq_edge_wmma_load_a", "load_b": "awq_edge_wmma_load_b", "init": "awq_edge_wmma_fill",
+         "load_b_static": "awq_edge_wmma_load_b_static",
          "store": "awq_edge_wmma_store", "compute": "awq_edge_wmma_sync"}
 
 
@@ -110,6 +130,7 @@ def _register_wmma() -> dict:
 
     if TensorIntrin.get(_WMMA["compute"], allow_missing=True) is not None:
         return _WMMA
+
     F16, F32, OF = "float16", "float32", 16
 
     def copy_pair(src_scope, dst_scope, dtype, emit):
@@ -148,6 +169,7 @@ def _register_wmma() -> dict:
     TensorIntrin.register(_WMMA["load_a"], *copy_pair("shared.dyn", "wmma.matrix_a", F16, load("row_major")))
     # B is stored [n, k] (K-contiguous, like the weights): a column-major k x n fragment
     TensorIntrin.register(_WMMA["load_b"], *copy_pair("shared.dyn", "wmma.matrix_b", F16, load("col_major")))
+    TensorIntrin.register(_WMMA["load_b_static"], *copy_pair("shared", "wmma.matrix_b", F16, load("col_major")))
     TensorIntrin.register(_WMMA["store"], *copy_pair("wmma.accumulator", "shared.dyn", F32, store))
 
     @T.prim_func(s_tir=True)
@@ -201,17 +223,73 @@ def _register_wmma() -> dict:
     return _WMMA
 
 
+def _mma_generators():
+    """TVM's own generators of the ldmatrix / mma.sync tensor intrinsics, without importing their module:
+    tvm.s_tir.tensor_intrin.cuda registers ~100 intrinsics on import (about 50 s of TVMScript parsing
+    per process); we run its function definitions only and register the four we use."""
+    import ast
+    import os
+    import types
+
+    import tvm
+
+    path = os.path.join(os.path.dirname(tvm.__file__), "s_tir", "tensor_intrin", "cuda.py")
+    tree = ast.parse(open(path).read())
+    tree.body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.Assign))
+                 or (isinstance(n, ast.FunctionDef) and not n.decorator_list)]
+    mod = types.ModuleType("_awq_edge_mma_intrin")
+    mod.__file__ = path  # TVMScript reads the functions' source through it
+    exec(compile(tree, path, "exec"), mod.__dict__)  # noqa: S102 (TVM's own installed source)
+    return mod
+
+
+_MMA = {"load_a": "awq_edge_mma_ldmatrix_a", "init": "awq_edge_mma_fill_f32",
+        "compute": "awq_edge_mma_f16f16f32_trans_b", "store": "awq_edge_mma_store_f32_shared_dyn"}
+_MMA_GEN: list = []
+
+
+def _ldmatrix_layout(s, i, j):
+    (gen,) = _MMA_GEN
+    return (s, i // 16, j // 16, *gen.shared_16x16_to_ldmatrix_32x8_layout(i % 16, j % 16))
+
+
+def _register_mma(b_scope: str) -> dict:
+    """A from shared.dyn, B (stored [n, k]: the transposed ldmatrix) from `b_scope`, fp32 accumulators."""
+    from tvm.s_tir import TensorIntrin
+
+    if not _MMA_GEN:
+        _MMA_GEN.append(_mma_generators())
+    (gen,) = _MMA_GEN
+    names = {**_MMA, "load_b": f"awq_edge_mma_ldmatrix_b_trans_{b_scope.replace('.', '_')}"}
+    if TensorIntrin.get(names["compute"], allow_missing=True) is None:
+        TensorIntrin.register(names["load_a"], *gen.get_ldmatrix_intrin(16, "float16", "A", False, "shared.dyn"))
+        TensorIntrin.register(names["compute"], *gen.get_mma_intrin(16, "float16", "float16", "float32", False, True))
+        TensorIntrin.register(names["init"], *gen.get_mma_fill_intrin("float32", 8))
+        TensorIntrin.register(names["store"], *gen.get_mma_store_intrin("float32", 8, "shared.dyn", False))
+    if TensorIntrin.get(names["load_b"], allow_missing=True) is None:
+        TensorIntrin.register(names["load_b"], *gen.get_ldmatrix_intrin(16, "float16", "B", True, b_scope))
+    return names
+
+
 
 @dataclass(frozen=True)
 class CudaConfig:
-    warps_m: int = 4  # warps along M in a block
-    warps_n: int = 4  # warps along N
-    frags_m: int = 2  # 16x16 accumulator fragments per warp along M
-    frags_n: int = 2  # ... along N
-    chunk_k: int = 4  # 16-wide k steps per shared tile (tile depth = 16 * chunk_k)
-    vector_a: int = 8  # halves per thread per global->shared copy of x (8 = one 16-byte load)
-    # ... of dequantized W. 4, not 8: TVM's CUDA codegen mis-declares an 8-lane uint32 vector (the
-    # broadcast word) as ulonglong4; nvcc merges the lanes' identical word loads into one anyway.
+    warps_m: int = 2  # warps along M in a block
+    warps_n: int = 2  # warps along N
+    frags_m: int = 4  # 16x16 accumulator fragments per warp along M
+    frags_n: int = 4  # ... along N
+    chunk_k: int = 4  # 16-wide k steps per shared tile (tile depth = 16 * chunk_k); >= 2 (16-byte weight copies)
+    stages: int = 3  # cp.async pipeline depth: tiles of x and packed W in flight
+    # 1: load the fragments of the next 16-wide k step while the MMAs of this one run (costs registers)
+    frag_prefetch: int = 1
+    # "wmma": 16x16x16 WMMA fragments (builds and runs fast with any TIR pipeline); "mma": ldmatrix +
+    # mma.sync m16n8k16 on "warp"-scope fragments, fast only when built with MMA_BUILD_CONFIG and the
+    # TIR pipeline from mma_tir_pipeline() (see there), and best with frag_prefetch=0 (the prefetch's two
+    # fragment copies get run-time indices and land in local memory)
+    fragments: str = "wmma"
+    vector_a: int = 8  # halves per thread per cp.async of x (8 = 16 bytes, the cp.async maximum)
+    # halves per thread per dequantize step (shared packed word -> shared fp16 tile). 4, not 8: TVM's CUDA
+    # codegen mis-declares an 8-lane uint32 vector (the broadcast word) as ulonglong4.
     vector_b: int = 4
 
     @property
@@ -223,50 +301,130 @@ class CudaConfig:
         return self.warps_n * self.frags_n * 16
 
     @property
+    def block_k(self) -> int:
+        return 16 * self.chunk_k
+
+    @property
     def threads(self) -> int:
         return self.warps_m * self.warps_n * 32
 
+    def a_tile_bytes(self) -> int:  # all stages of x tiles (rows padded by 8 halves)
+        return self.stages * self.block_m * (self.block_k + 8) * 2
+
+    def w_tile_bytes(self) -> int:  # all stages of packed weight tiles
+        return self.stages * self.block_n * self.block_k // 2
+
+    def b_tile_bytes(self) -> int:  # the dequantized fp16 tile (static shared memory)
+        return self.block_n * (self.block_k + 8) * 2
+
+    def out_tile_bytes(self) -> int:  # the fp32 output staging tile (reuses the pipeline's space)
+        return self.block_m * (self.block_n + 4) * 4
+
     def shared_bytes(self) -> int:
-        """Double-buffered A and B tiles (rows padded by 8 halves), or the fp32 output staging tile
-        (the two are never live at once, so the allocator overlaps them)."""
-        bk = 16 * self.chunk_k
-        tiles = 2 * (self.block_m + self.block_n) * (bk + 8) * 2
-        out = self.block_m * (self.block_n + 4) * 4
-        return max(tiles, out)
+        return self.b_tile_bytes() + max(self.a_tile_bytes() + self.w_tile_bytes(), self.out_tile_bytes())
 
 
 # Shared memory a block may opt into (cudaFuncSetAttribute), by architecture. TVM requests the dynamic
 # size for us at launch; the static 48 KB default in targets.py is not the limit for dynamic shared memory.
 _OPT_IN_SHARED = {"sm_80": 163 * 1024, "sm_87": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024,
                   "sm_90": 227 * 1024, "sm_120": 99 * 1024}
+_STATIC_SHARED = 48 * 1024
+
+# Pass-context options the CUDA kernel wants at build time: without `tirx.use_async_copy` TVM lowers the
+# pipeline's global->shared copies to plain loads + stores (still correct, but the copies no longer overlap
+# the math). Build with `tvm.transform.PassContext(config=BUILD_CONFIG)` around `tvm.compile`.
+BUILD_CONFIG = {"tirx.use_async_copy": True}
+# fragments="mma" also needs TIR's common-subexpression pass off: it hides the fragment indices behind let
+# variables in which LowerWarpMemory then cannot find the lane index
+MMA_BUILD_CONFIG = {**BUILD_CONFIG, "tirx.disable_cse_tir": True}
+_MMA_PIPELINE = "awq_edge_mma"
+
+
+def mma_tir_pipeline() -> str:
+    """Name of a TIR pipeline (registered on first call) for `tvm.compile(..., tir_pipeline=name)` that
+    builds fragments="mma" kernels properly: TVM 0.27's default one with LowerWarpMemory run repeatedly.
+    That pass lowers only the first "warp"-scope buffer of a statement sequence per run (the others stay
+    full-warp arrays in local memory: correct but slow), and a kernel has three to six (A, B, the
+    accumulator, and the copies the software pipeline makes); a run with none left changes nothing."""
+    import tvm
+    from tvm.s_tir import pipeline as s_tir_pipeline
+    from tvm.tirx import compilation_pipeline
+
+    if _MMA_PIPELINE not in compilation_pipeline.PIPELINE_MAP:
+        def factory():
+            lower, finalize_host, finalize_device = s_tir_pipeline.default_s_tir_pipeline()
+
+            def finalize_device_mma():
+                warp = [tvm.tirx.transform.LowerWarpMemory()] * 8
+                return tvm.ir.transform.Sequential(warp + [finalize_device()])
+
+            return lower, finalize_host, finalize_device_mma
+
+        compilation_pipeline.register_tir_pipeline(_MMA_PIPELINE, factory)
+    return _MMA_PIPELINE
 
 
 def _staging_fits(cfg: CudaConfig) -> bool:
     """TVM 0.27's shared-memory planner reuses a freed fp16 tile buffer for the fp32 output staging tile
     when the staging tile fits in it, and then fails to build (tvm_access_ptr element type mismatch);
-    keep the staging tile larger than either double-buffered tile."""
-    bk = 16 * cfg.chunk_k
-    out = cfg.block_m * (cfg.block_n + 4) * 4
-    return out > 2 * cfg.block_m * (bk + 8) * 2 and out > 2 * cfg.block_n * (bk + 8) * 2
+    the staging tile must stay larger than each of the pipeline's buffers (padding the staging rows
+    further does not help: measured on the builds)."""
+    return cfg.out_tile_bytes() > max(cfg.a_tile_bytes(), cfg.w_tile_bytes())
 
 
 def valid_config(cfg: CudaConfig) -> bool:
-    return cfg.chunk_k >= 1 and _staging_fits(cfg) and cfg.vector_a in (1, 2, 4, 8) and cfg.vector_b in (1, 2, 4)
+    # TVM opts a kernel into more than 48 KB of shared memory only when its *dynamic* part exceeds 48 KB;
+    # static (the dequantized tile) + dynamic above 48 KB with a small dynamic part fails to launch.
+    opt_in_ok = cfg.out_tile_bytes() > _STATIC_SHARED or cfg.shared_bytes() <= _STATIC_SHARED
+    return (opt_in_ok and cfg.chunk_k >= 2 and cfg.stages >= 2 and _staging_fits(cfg) and cfg.vector_a == 8
+            and cfg.frag_prefetch in (0, 1) and cfg.fragments in ("wmma", "mma")
+            and cfg.vector_b in (1, 2, 4) and cfg.b_tile_bytes() <= _STATIC_SHARED)
 
 
-def cuda_config(N: int, K: int, target: DeviceTarget) -> CudaConfig:
-    """Tiling from the target's shared memory and SM count and the shape: small N (or a small GPU such
-    as the Orin) gets narrower blocks so the padding waste stays low and enough blocks exist."""
-    limit = _OPT_IN_SHARED.get(target.arch or "", target.max_shared_memory_per_block)
-    cfg = CudaConfig()
-    if N <= 256 or (target.num_sms and target.num_sms <= 16 and N < 2048):
-        cfg = CudaConfig(warps_m=4, warps_n=2, frags_m=2, frags_n=2, chunk_k=2)
-    while cfg.chunk_k > 1 and (K % (16 * cfg.chunk_k) or cfg.shared_bytes() > limit or not _staging_fits(cfg)):
+def _fit(cfg: CudaConfig, K: int, limit: int) -> CudaConfig | None:
+    """`cfg` with a 32-deep k tile where K needs it and no more stages than shared memory and K allow."""
+    while cfg.chunk_k > 2 and K % cfg.block_k:
         cfg = dataclasses.replace(cfg, chunk_k=cfg.chunk_k // 2)
-    return cfg
+    while cfg.stages > 2 and (cfg.shared_bytes() > limit or cfg.stages > K // cfg.block_k):
+        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    return cfg if cfg.shared_bytes() <= limit and valid_config(cfg) else None
 
 
-def _schedule_cuda(func, cfg: CudaConfig):
+def cuda_config(N: int, K: int, target: DeviceTarget, fragments: str = "wmma") -> CudaConfig:
+    """Tiling from the target's SM count and shared memory and the shape. M is symbolic (one kernel serves
+    every prompt length), so the block count is judged at a 512-token prompt, the short end that decides
+    the time to first token. Measured on the H100 (benchmarks/results/gemm_sweep_h100_cpasync.json):
+    - the default, 128x128 tiles by 4 warps of 64x64 (few fragment loads per MMA, 2 blocks per SM);
+    - few column tiles (N <= 4096 on 132 SMs): 8 warps of 32x64 per 128x128 block, since one 4-warp
+      block per SM cannot hide latency;
+    - many column tiles (N >= 16384 on 132 SMs): 256x128 tiles by 8 warps of 64x64, which halve the
+      dequantize work per MMA and still fill the GPU at M = 512 (not on Orin-class GPUs, where a short
+      prompt would leave most of a 256-row tile as padding).
+    fragments="mma" (only for builds with MMA_BUILD_CONFIG + mma_tir_pipeline()): 128x128 tiles by 2x4
+    warps of 64x32, which measured best for every 7B shape at both M."""
+    if fragments not in ("wmma", "mma"):
+        raise UserError(f"gemm_w4a16: fragments must be 'wmma' or 'mma', got {fragments!r}")
+    limit = _OPT_IN_SHARED.get(target.arch or "", target.max_shared_memory_per_block)
+    sms = target.num_sms or 132
+    col_tiles = -(-N // 128)
+    candidates = [CudaConfig()]
+    if fragments == "mma":
+        candidates = [CudaConfig(warps_m=2, warps_n=4, frags_m=4, frags_n=2, frag_prefetch=0, fragments="mma"),
+                      CudaConfig(frag_prefetch=0, fragments="mma")]
+    elif col_tiles * 4 < 1.5 * sms:
+        candidates.insert(0, CudaConfig(warps_m=4, warps_n=2, frags_m=2, frags_n=4, frag_prefetch=0))
+    elif col_tiles * 2 >= 2 * sms and sms > 16:  # not on Orins: short prompts would pad 256-row tiles
+        candidates.insert(0, CudaConfig(warps_m=4, warps_n=2, frags_m=4, frags_n=4))
+    for cfg in candidates:
+        fitted = _fit(cfg, K, limit)
+        if fitted is not None:
+            return fitted
+    raise UserError(f"gemm_w4a16: no CUDA tiling fits {limit} bytes of shared memory on {target.name} (N={N}, K={K})")
+
+
+def _schedule_cuda(func, cfg: CudaConfig, fp16_weight: bool = False):
+    """fp16_weight: `func` multiplies by a plain fp16 W (no dequantize stage; W is copied like x). Only the
+    benchmark uses it, as the ceiling of this same pipeline without the INT4 work."""
     from tvm import s_tir
     from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain, auto_inline_producers, get_index_map
 
@@ -283,7 +441,7 @@ def _schedule_cuda(func, cfg: CudaConfig):
     sch.transform_layout(reindex_c, ("read", 0), c_map)
     sch.transform_block_layout(main, matmul_map)
 
-    sch.pad_einsum(main, [1, cfg.block_m, cfg.block_n, 16 * cfg.chunk_k])
+    sch.pad_einsum(main, [1, cfg.block_m, cfg.block_n, cfg.block_k])
     batch, i, j, k = sch.get_loops(main)
     i, i_in = sch.split(i, factors=[None, 16])
     j, j_in = sch.split(j, factors=[None, 16])
@@ -295,11 +453,6 @@ def _schedule_cuda(func, cfg: CudaConfig):
     i0, i1, i2, i3 = sch.split(i, factors=[None, 1, cfg.warps_m, cfg.frags_m])
     j0, j1, j2, j3 = sch.split(j, factors=[1, None, cfg.warps_n, cfg.frags_n])
     k0, k1 = sch.split(k, factors=[None, cfg.chunk_k])
-    # stage 0: global->register loads of the next tile; stage 1: fragment loads + MMA on this one
-    sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 5, 2, 6])
-    sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 0, 1, 1])
-    sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
-    sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
     sch.reorder(i0, j0, i1, j1, j2, i2, k0, k1, i3, j3)
     sch.bind(batch, "blockIdx.z")
     sch.bind(sch.fuse(i0, j0), "blockIdx.x")
@@ -308,31 +461,46 @@ def _schedule_cuda(func, cfg: CudaConfig):
     sch.bind(warp_loop, "threadIdx.y")
     warps = cfg.warps_m * cfg.warps_n
 
-    def fetch_to_shared(index, vector):
-        blk = sch.cache_read(block_outer, index, "shared.dyn")
-        sch.compute_at(blk, k0)
+    def cooperative(blk, vector, pad_rows=True):
         fused = sch.fuse(*sch.get_loops(blk)[-2:])
-        _, ty, tx, vec = sch.split(fused, factors=[None, warps, 32, vector])
+        outer, ty, tx, vec = sch.split(fused, factors=[None, warps, 32, vector])
         sch.bind(tx, "threadIdx.x")
         sch.bind(ty, "threadIdx.y")
         sch.vectorize(vec)
-        sch.storage_align(blk, 0, axis=-2, factor=16, offset=8)  # pad rows: no bank conflicts for fragments
-        sch.annotate(blk, "tirx.manifest_shared_memory_local_stage", 1)
-        sch.annotate(blk, "double_buffer_scope", 0)
-        return blk
+        if pad_rows:  # rows padded by 8 halves: the fragment loads hit distinct banks
+            sch.storage_align(blk, 0, axis=-2, factor=32, offset=8)
+        return outer
 
-    a_g2s = fetch_to_shared(0, cfg.vector_a)
-    b_g2s = fetch_to_shared(1, cfg.vector_b)
-    auto_inline_producers(sch, a_g2s)
-    auto_inline_producers(sch, b_g2s)  # the dequantize expression moves into the B copy
+    # x tile: global -> shared by cp.async (stage 0 of the pipeline, `stages - 1` tiles ahead).
+    a_shared = sch.cache_read(block_outer, 0, "shared.dyn")
+    sch.compute_at(a_shared, k0)
+    # The dequantized fp16 W tile. Static shared memory on purpose: TVM's barrier planner treats all
+    # dynamic shared buffers as one, and would put a barrier between every dequantize step (each reads
+    # the packed tile and writes this one).
+    b_shared = sch.cache_read(block_outer, 1, "shared.dyn" if fp16_weight else "shared")
+    sch.compute_at(b_shared, k0)
+    auto_inline_producers(sch, a_shared)
+    auto_inline_producers(sch, b_shared)  # the dequantize expression (and the N padding) moves in here
+    cooperative(a_shared, cfg.vector_a)
+    if fp16_weight:
+        cooperative(b_shared, cfg.vector_a)
+    else:
+        reads = [r.source.name for r in sch.get(b_shared).reads]
+        # The packed uint32 W tile: global -> shared by cp.async (a quarter of FP16's bytes), dequantized
+        # shared -> shared right before the fragments read it (Marlin's order, minus its register tricks).
+        w_shared = sch.cache_read(b_shared, reads.index("weight"), "shared.dyn")
+        sch.compute_at(w_shared, k0)
+        sch.unroll(cooperative(b_shared, cfg.vector_b))
+        cooperative(w_shared, 4, pad_rows=False)
 
-    a_frag = sch.cache_read(block_outer, 0, "wmma.matrix_a")
-    b_frag = sch.cache_read(block_outer, 1, "wmma.matrix_b")
+    mma = cfg.fragments == "mma"
+    a_frag = sch.cache_read(block_outer, 0, "warp" if mma else "wmma.matrix_a")
+    b_frag = sch.cache_read(block_outer, 1, "warp" if mma else "wmma.matrix_b")
     sch.compute_at(a_frag, k1)
     sch.compute_at(b_frag, k1)
     out_shared = sch.cache_write(block_outer, 0, "shared.dyn")
     sch.storage_align(out_shared, 0, -2, 16, 4)
-    store = sch.cache_write(block_outer, 0, "wmma.accumulator")
+    store = sch.cache_write(block_outer, 0, "warp" if mma else "wmma.accumulator")
     sch.reverse_compute_at(store, warp_loop)
     sch.reverse_compute_at(out_shared, warp_loop)
     si, sj = sch.get_loops(store)[-2:]
@@ -342,15 +510,22 @@ def _schedule_cuda(func, cfg: CudaConfig):
     init = sch.decompose_reduction(block_outer, k0)
     init_inner = sch.get_child_blocks(init)[0]
 
-    intrin = _register_wmma()
-    for frag, name in ((a_frag, "load_a"), (b_frag, "load_b")):
+    b_scope = "shared.dyn" if fp16_weight else "shared"
+    intrin = _register_mma(b_scope) if mma else _register_wmma()
+    loads = []
+    for frag, name in ((a_frag, "load_a"), (b_frag, "load_b" if mma or fp16_weight else "load_b_static")):
         fi, fj = sch.get_loops(frag)[-2:]
         fi0, fi1 = sch.split(fi, factors=[None, 16])
         fj0, fj1 = sch.split(fj, factors=[None, 16])
         sch.reorder(fi0, fj0, fi1, fj1)
         sch.unroll(fi0)
         sch.unroll(fj0)
-        sch.tensorize(fi1, intrin[name])
+        loads.append((fi1, intrin[name]))
+    if mma:  # each thread's 8 values of a 16x16 tile, in the register order ldmatrix/mma.sync use
+        for blk, buf in ((a_frag, ("write", 0)), (b_frag, ("write", 0)), (store, ("read", 0))):
+            sch.transform_layout(blk, buf, _ldmatrix_layout)
+    for loop, name in loads:
+        sch.tensorize(loop, name)
     sch.tensorize(sch.get_loops(init_inner)[-2], intrin["init"])
     sch.tensorize(sch.get_loops(store)[-2], intrin["store"])
     sch.tensorize(sch.get_loops(block_inner)[-3], intrin["compute"])
@@ -360,6 +535,19 @@ def _schedule_cuda(func, cfg: CudaConfig):
     _, tx, vec = sch.split(fused, factors=[None, 32, 4])
     sch.bind(tx, "threadIdx.x")
     sch.vectorize(vec)
+
+    # Inner loop: the fragments of k step k1 + 1 load while the MMAs of step k1 run.
+    if cfg.frag_prefetch:
+        sch.annotate(k1, "software_pipeline_stage", [0, 0, 1])
+        sch.annotate(k1, "software_pipeline_order", [0, 1, 2])
+    # Outer loop, after the inner one is pipelined: [x copy, W copy, dequantize, inner prologue, body,
+    # epilogue] (or [.., dequantize, inner loop]). The two copies run `stages - 1` tiles ahead as cp.async
+    # groups; the rest works on this tile.
+    last = cfg.stages - 1
+    n_rest = (3 if cfg.frag_prefetch else 1) + (0 if fp16_weight else 1)
+    sch.annotate(k0, "software_pipeline_stage", [0, 0] + [last] * n_rest)
+    sch.annotate(k0, "software_pipeline_order", list(range(2 + n_rest)))
+    sch.annotate(k0, "software_pipeline_async_stages", [0])
     return sch.mod["main"]
 
 
