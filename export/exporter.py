@@ -224,6 +224,9 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
         params = [{"name": n, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for n, p in named]
         config = {"relax.backend.use_cuda_graph": bool(cuda_graph and device_target.is_cuda)}
         if device_target.is_cuda:
+            from tvm_kernels.gemm_w4a16 import BUILD_CONFIG
+
+            config.update(BUILD_CONFIG)  # the prefill GEMM's cp.async pipeline (synchronous copies without it)
             pipeline = relax.get_default_pipeline(target)
         else:
             from export.cpu_schedule import cpu_pipeline
