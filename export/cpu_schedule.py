@@ -1,12 +1,28 @@
 """Relax pipeline for CPU (llvm) targets.
 
 TVM's stock CPU pipeline leaves every fused PrimFunc unscheduled: one thread, scalar loops (a
-SmolLM2 decode step took seconds). Here matmuls get a vectorized rfactor schedule (10-30x faster
-on a 3072x576 GEMV), dlight's CPU reduction rule takes the norms, and a last rule runs any other
-loop nest in parallel over its spatial loops. Hand-scheduled kernels (tvm_kernels) arrive marked as scheduled and are
-left alone.
+SmolLM2 decode step took seconds). Here matmuls (the FP16 lm_head: 57 MB per token for SmolLM2) get
+a vectorized rfactor schedule, four outputs per step sharing each activation load; the paged KV
+cache's fused_rope computes its cos/sin once for all heads; dlight's CPU reduction rule takes the
+norms, and a last rule runs any other loop nest in parallel over its rows, vectorized along a static
+innermost dimension. Hand-scheduled kernels (tvm_kernels) arrive marked as scheduled and are left alone.
+
+Decode attention: TVM's paged KV cache brings its own CPU decode kernel (`batch_decode_paged_kv_cpu`),
+scalar and one thread, with one online-softmax rescale and two libm exp2 calls per cached token: at a
+2048-token context it was most of a SmolLM2 decode step. `attention_pass` swaps it for
+`decode_attention_cpu` below (same signature): heads in parallel, head_dim in vector lanes, the
+softmax rescale once per page of tokens, and a polynomial exp2 that vectorizes. Its ragged prefill
+kernel scored every key for every query (masked or not) in scalar code, minutes for a 2048-token
+prompt; `prefill_attention_cpu` is the same design over the chunk's own keys, causal limit per row.
 """
 from __future__ import annotations
+
+import math
+
+LOG2E = math.log2(math.e)
+STOCK_DECODE_ATTENTION = "batch_decode_paged_kv_cpu"  # the global_symbol TVM 0.27 gives its CPU kernel
+STOCK_PREFILL_ATTENTION = "batch_prefill_ragged_kv"  # ... and its CPU ragged prefill kernel
+ROPE_BLOCK = "llama_fused_rope"  # the block of the paged KV cache's fused_rope (TVM 0.27)
 
 
 def _rules():
@@ -28,13 +44,21 @@ def _rules():
         n = lead_spatial(kinds)
         if n == 0 or len(loops) != len(kinds):
             return False
+        last = sch.get(loops[-1]).extent
+        if n == len(kinds) and hasattr(last, "value") and int(last) % 8 == 0:
+            # elementwise: rows in parallel, the static innermost dimension in vector lanes (fusing all
+            # loops costs two int64 divisions per element)
+            mid, inner = sch.split(loops[-1], factors=[None, 8])
+            sch.vectorize(inner)
+            sch.parallel(sch.fuse(*loops[:-1]) if n > 2 else loops[0] if n == 2 else mid)
+            return True
         sch.parallel(sch.fuse(*loops[:n]) if n > 1 else loops[0])
         return True
 
     @ScheduleRule.from_callable("MatmulRFactor")
     def matmul(func, target, _tunable):
         # y[s, n] = sum_k a[s, k] * b[n, k]: both operands K-contiguous, so vector lanes go along K.
-        # rfactor keeps `lanes` partial sums per output (vectorized), then a short loop adds them up.
+        # rfactor keeps acc * lanes partial sums per output (vectorized), then a short loop adds them up.
         if target.kind.name != "llvm":
             return None
         sch, infos = blocks(func)
@@ -51,17 +75,32 @@ def _rules():
         if not isinstance(K, int) and not hasattr(K, "value"):
             return None
         K = int(K)
-        lanes = 16 if K % 16 == 0 else 8 if K % 8 == 0 else 0
-        if lanes == 0 or K < 4 * lanes:
+        lanes = 8  # fp32 lanes of an AVX2 register (two NEON registers)
+        if K % lanes or K < 2 * lanes:
             return None
         loops = sch.get_loops(info.block_rv)
-        if len(loops) > 2:
-            sch.fuse(*loops[:-1])
-        _, ki = sch.split(loops[-1], factors=[None, lanes])
-        rf = sch.rfactor(ki, factor_axis=-1)  # lanes innermost: contiguous partial sums
-        sch.vectorize(sch.get_loops(rf)[-1])
-        sch.parallel(sch.get_loops(rf)[0])
-        sch.parallel(sch.get_loops(info.block_rv)[0])
+        s = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        n_out = sch.get(s).extent
+        # `rows` outputs per step share each activation load and its fp16->fp32 conversion (the weight
+        # stream is then one load + convert + FMA per 8 products); `acc` vector accumulators per output
+        # hide the FMA latency (one chain of K/8 FMAs would wait 4 cycles per FMA). rows * acc * lanes
+        # partial sums stay in registers (16 on AVX2).
+        rows = 4 if hasattr(n_out, "value") and int(n_out) % 4 == 0 and int(n_out) >= 64 else 1
+        acc = (2 if rows > 1 else 4) if K % (4 * lanes) == 0 else 2 if K % (2 * lanes) == 0 else 1
+        _, ki = sch.split(loops[-1], factors=[None, acc * lanes])
+        rf = sch.rfactor(ki, factor_axis=-1)  # the acc * lanes partial sums of one output, contiguous
+        s_rf, ko, ki_rf = sch.get_loops(rf)
+        ka, kv = sch.split(ki_rf, factors=[acc, lanes])
+        if rows > 1:
+            s_rf, s_in = sch.split(s_rf, factors=[None, rows])
+            sch.reorder(s_rf, ko, s_in, ka, kv)
+            sch.unroll(s_in)
+        sch.unroll(ka)
+        sch.vectorize(kv)
+        # the final sums right after their partial sums: the partials stay a small per-step buffer
+        # (registers) instead of an [outputs, acc * lanes] array written and read back
+        sch.reverse_compute_at(info.block_rv, s_rf)
+        sch.parallel(s_rf)
         for other in infos:
             if other is not info:
                 parallel_nest(sch, other.block_rv, other.dom_kind())
@@ -79,7 +118,354 @@ def _rules():
             done |= parallel_nest(sch, info.block_rv, info.dom_kind())
         return sch if done else None
 
-    return [matmul, parallel]
+    @ScheduleRule.from_callable("RopeHeadsInner")
+    def rope(func, target, _tunable):
+        # The paged KV cache's fused_rope computes cos/sin (and pow) of the angle for every element of
+        # every head: ~2k libm calls per layer and token. With the heads innermost and unrolled, the
+        # calls for one (position, dim) are identical pure expressions that LLVM computes once.
+        if target.kind.name != "llvm":
+            return None
+        sch, infos = blocks(func)
+        if not infos or len(infos) != 1 or sch.get(infos[0].block_rv).name_hint != ROPE_BLOCK:
+            return None
+        loops = sch.get_loops(infos[0].block_rv)
+        if infos[0].dom_kind() != "SSS" or len(loops) != 3 or not hasattr(sch.get(loops[1]).extent, "value"):
+            return None
+        tok, head, dim = loops
+        sch.reorder(tok, dim, head)
+        sch.unroll(head)
+        sch.parallel(tok)
+        return sch
+
+    return [matmul, rope, parallel]
+
+
+# ------------------------------------------------------------------------------------------------
+# decode attention over the paged KV cache
+
+def _exp2(x):
+    """2^x for x <= 0 in float32 (vectorizable TIR, no libm call): 2^x = 2^n * 2^f, n = round(x),
+    f in [-0.5, 0.5], 2^f by Cephes' exp2f polynomial (relative error ~2e-7); x below -126 gives 2^-126."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    x = T.max(x, T.float32(-126.0))
+    n = T.floor(x + T.float32(0.5))
+    f = x - n
+    p = T.float32(1.535336188319500e-4)
+    for c in (1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2, 2.402264791363012e-1,
+              6.931472028550421e-1):
+        p = p * f + T.float32(c)
+    p = p * f + T.float32(1.0)
+    two_n = tirx.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return p * two_n
+
+
+def decode_attention_reference(q, k, v, sm_scale):
+    """numpy: q [H_qo, D], k/v [L, H_kv, D] (the cached tokens in order) -> (out [H_qo, D], lse [H_qo], base 2)."""
+    import numpy as np
+
+    H, D = q.shape
+    group = H // k.shape[1]
+    kk = np.repeat(k.astype(np.float32), group, axis=1)  # [L, H, D]
+    vv = np.repeat(v.astype(np.float32), group, axis=1)
+    s = np.einsum("hd,lhd->hl", q.astype(np.float32), kk) * sm_scale * LOG2E
+    m = s.max(axis=1, keepdims=True)
+    p = np.exp2(s - m)
+    out = np.einsum("hl,lhd->hd", p, vv) / p.sum(axis=1, keepdims=True)
+    return out, (m[:, 0] + np.log2(p.sum(axis=1)))
+
+
+def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: str = "float16"):
+    """Decode attention (one query token per sequence) over the paged cache, with the signature of TVM's
+    `batch_decode_paged_kv_cpu` (no sliding window). Rotary embedding must already be applied to q and the
+    cached k (RopeMode.NORMAL: the cache's split_rotary does it); rotary_mode 1 (inline) is refused."""
+    from tvm.script import tirx as T
+
+    P = page_size
+    VL = 8
+    if D % VL:
+        raise ValueError(f"decode_attention_cpu: head_dim {D} must be a multiple of {VL}")
+    group = H_qo // H_kv
+
+    @T.prim_func(s_tir=True)
+    def attn(
+        Q_handle: T.handle,
+        pages_handle: T.handle,
+        page_table_indptr_handle: T.handle,
+        page_table_values_handle: T.handle,
+        var_length_info: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        o_indptr = T.int32()
+        o_values = T.int32()
+        o_krope = T.int32()
+        o_qrope = T.int32()
+        o_len = T.int32()
+        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, P, D), dtype)
+        page_table_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=o_indptr)
+        page_table_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=o_values)
+        k_rope_pos_offset = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=o_krope)
+        q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=o_qrope)
+        last_page_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=o_len)
+        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
+        lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
+        assert rotary_mode == 0, "decode_attention_cpu: inline rotary (rotary_mode 1) is not implemented"
+        for bk in T.parallel(B * H_kv):
+            with T.sblock("attn"):
+                # whole-buffer regions: the page indices are data-dependent
+                T.reads(Q[0:B, 0:H_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:P, 0:D],
+                        page_table_indptr[0:B + 1], page_table_values[0:nnz_pages], last_page_len[0:B])
+                T.writes(output[0:B, 0:H_qo, 0:D], lse[0:B, 0:H_qo])
+                # one task = the `group` query heads that share a KV head: each K/V row is loaded and
+                # converted to float32 once for all of them
+                q = T.sblock_alloc_buffer((group, D), "float32")
+                o = T.sblock_alloc_buffer((group, D), "float32")
+                kf = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((group, 2, VL), "float32")  # two FMA chains per dot product
+                sc = T.sblock_alloc_buffer((group, P), "float32")
+                st = T.sblock_alloc_buffer((group, 4), "float32")  # running max, running sum, page max, rescale
+                b: T.let[T.int32] = bk // H_kv
+                hk: T.let[T.int32] = bk % H_kv
+                begin: T.let[T.int32] = page_table_indptr[b]
+                npages: T.let[T.int32] = page_table_indptr[b + 1] - begin
+                for g in T.serial(group):
+                    for d in T.vectorized(D):
+                        # scores in base 2: exp(s) = exp2(s * log2(e))
+                        q[g, d] = T.Cast("float32", Q[b, hk * group + g, d]) * sm_scale * T.float32(LOG2E)
+                        o[g, d] = T.float32(0)
+                    st[g, 0] = T.float32(-5e4)
+                    st[g, 1] = T.float32(0)
+                for pi in T.serial(npages):
+                    page: T.let[T.int32] = page_table_values[begin + pi]
+                    rows: T.let[T.int32] = T.if_then_else(pi == npages - 1, last_page_len[b], P)
+                    # the cache is read once per step (cold): fetch the next page's K and V rows of this
+                    # head while this one is computed (pages are not in address order)
+                    nxt: T.let[T.int32] = page_table_values[begin + T.min(pi + 1, npages - 1)]
+                    for kv_, line in T.grid(2, P * D * 2 // 64):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                            pages[nxt, kv_, hk, line * 64 // (2 * D), line * 64 // 2 % D]),
+                            T.int32(0), T.int32(3), T.int32(1)))
+                    for r in T.serial(P):
+                        for d in T.vectorized(D):
+                            kf[d] = T.Cast("float32", pages[page, 0, hk, r, d])
+                        for g in T.serial(group):
+                            for a in T.serial(2):
+                                for v in T.vectorized(VL):
+                                    acc[g, a, v] = T.float32(0)
+                            for dc in T.unroll(D // VL):
+                                for v in T.vectorized(VL):
+                                    acc[g, dc % 2, v] = acc[g, dc % 2, v] + q[g, dc * VL + v] * kf[dc * VL + v]
+                            sc[g, r] = T.float32(0)
+                            for v in T.serial(VL):
+                                sc[g, r] = sc[g, r] + acc[g, 0, v] + acc[g, 1, v]
+                    for g in T.serial(group):
+                        st[g, 2] = st[g, 0]
+                        for r in T.serial(P):
+                            st[g, 2] = T.if_then_else(r < rows, T.max(st[g, 2], sc[g, r]), st[g, 2])
+                        for r in T.vectorized(P):
+                            # rows past the page's fill hold stale memory: selected away, never multiplied
+                            sc[g, r] = T.if_then_else(r < rows, _exp2(sc[g, r] - st[g, 2]), T.float32(0))
+                        st[g, 3] = _exp2(st[g, 0] - st[g, 2])
+                        st[g, 0] = st[g, 2]
+                        st[g, 1] = st[g, 1] * st[g, 3]
+                        for r in T.serial(P):
+                            st[g, 1] = st[g, 1] + sc[g, r]
+                        for d in T.vectorized(D):
+                            o[g, d] = o[g, d] * st[g, 3]
+                    for r in T.serial(rows):
+                        for d in T.vectorized(D):
+                            kf[d] = T.Cast("float32", pages[page, 1, hk, r, d])
+                        for g in T.serial(group):
+                            for d in T.vectorized(D):
+                                o[g, d] = o[g, d] + sc[g, r] * kf[d]
+                for g in T.serial(group):
+                    for d in T.vectorized(D):
+                        output[b, hk * group + g, d] = T.Cast(
+                            dtype, T.if_then_else(st[g, 1] > T.float32(0), o[g, d] / st[g, 1], T.float32(0)))
+                    lse[b, hk * group + g] = st[g, 0] + T.log2(T.max(st[g, 1], T.float32(1e-30)))
+
+    return attn
+
+
+def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", tile: int = 16):
+    """Attention of a chunk of new tokens to themselves (causal or not), with the signature of TVM's CPU
+    `batch_prefill_ragged_kv`: q [n, H_qo, D], k/v [n_kv, H_kv, D] contiguous per sequence. The stock
+    kernel scores every key for every query, masked or not, in scalar code (quadratic in the chunk with
+    a large constant: minutes for a 2048-token prompt). Here one task = one query row and the query
+    heads of one KV head (parallel), keys in tiles of `tile` with the decode kernel's softmax."""
+    from tvm.script import tirx as T
+
+    VL = 8
+    if D % VL:
+        raise ValueError(f"prefill_attention_cpu: head_dim {D} must be a multiple of {VL}")
+    group = H_qo // H_kv
+    P = tile
+
+    @T.prim_func(s_tir=True)
+    def attn(
+        var_q: T.handle,
+        var_q_indptr: T.handle,
+        var_k: T.handle,
+        var_v: T.handle,
+        var_kv_indptr: T.handle,
+        var_q_rope_position: T.handle,
+        var_k_rope_pos_offset: T.handle,
+        var_output: T.handle,
+        var_lse: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        o_qi = T.int32()
+        o_ki = T.int32()
+        o_qr = T.int32()
+        o_kr = T.int32()
+        Q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=o_qi)
+        K = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
+        V = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=o_ki)
+        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=o_qr)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=o_kr)
+        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
+        assert rotary_mode == 0, "prefill_attention_cpu: inline rotary (rotary_mode 1) is not implemented"
+        for b in T.serial(batch_size):
+            for task in T.parallel((q_indptr[b + 1] - q_indptr[b]) * H_kv):
+                with T.sblock("attn"):
+                    T.reads(Q[0:qo_len, 0:H_qo, 0:D], K[0:kv_len, 0:H_kv, 0:D], V[0:kv_len, 0:H_kv, 0:D],
+                            q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
+                    T.writes(output[0:qo_len, 0:H_qo, 0:D], lse[0:qo_len, 0:H_qo])
+                    q = T.sblock_alloc_buffer((group, D), "float32")
+                    o = T.sblock_alloc_buffer((group, D), "float32")
+                    kf = T.sblock_alloc_buffer((D,), "float32")
+                    acc = T.sblock_alloc_buffer((group, 2, VL), "float32")
+                    sc = T.sblock_alloc_buffer((group, P), "float32")
+                    st = T.sblock_alloc_buffer((group, 4), "float32")
+                    qlen: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    klen: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                    row: T.let[T.int32] = task // H_kv
+                    hk: T.let[T.int32] = task % H_kv
+                    qrow: T.let[T.int32] = q_indptr[b] + row
+                    k0: T.let[T.int32] = kv_indptr[b]
+                    # keys this query sees (TVM's _causal_mask: col < kv_len - qo_len + row + 1)
+                    limit: T.let[T.int32] = T.if_then_else(causal > 0, T.min(klen, klen - qlen + row + 1), klen)
+                    for g in T.serial(group):
+                        for d in T.vectorized(D):
+                            q[g, d] = T.Cast("float32", Q[qrow, hk * group + g, d]) * sm_scale * T.float32(LOG2E)
+                            o[g, d] = T.float32(0)
+                        st[g, 0] = T.float32(-5e4)
+                        st[g, 1] = T.float32(0)
+                    for kt in T.serial((limit + P - 1) // P):
+                        rows: T.let[T.int32] = T.min(P, limit - kt * P)
+                        for r in T.serial(rows):
+                            for d in T.vectorized(D):
+                                kf[d] = T.Cast("float32", K[k0 + kt * P + r, hk, d])
+                            for g in T.serial(group):
+                                for a in T.serial(2):
+                                    for v in T.vectorized(VL):
+                                        acc[g, a, v] = T.float32(0)
+                                for dc in T.unroll(D // VL):
+                                    for v in T.vectorized(VL):
+                                        acc[g, dc % 2, v] = acc[g, dc % 2, v] + q[g, dc * VL + v] * kf[dc * VL + v]
+                                sc[g, r] = T.float32(0)
+                                for v in T.serial(VL):
+                                    sc[g, r] = sc[g, r] + acc[g, 0, v] + acc[g, 1, v]
+                        for g in T.serial(group):
+                            st[g, 2] = st[g, 0]
+                            for r in T.serial(rows):
+                                st[g, 2] = T.max(st[g, 2], sc[g, r])
+                            for r in T.vectorized(P):
+                                sc[g, r] = T.if_then_else(r < rows, _exp2(sc[g, r] - st[g, 2]), T.float32(0))
+                            st[g, 3] = _exp2(st[g, 0] - st[g, 2])
+                            st[g, 0] = st[g, 2]
+                            st[g, 1] = st[g, 1] * st[g, 3]
+                            for r in T.serial(P):
+                                st[g, 1] = st[g, 1] + sc[g, r]
+                            for d in T.vectorized(D):
+                                o[g, d] = o[g, d] * st[g, 3]
+                        for r in T.serial(rows):
+                            for d in T.vectorized(D):
+                                kf[d] = T.Cast("float32", V[k0 + kt * P + r, hk, d])
+                            for g in T.serial(group):
+                                for d in T.vectorized(D):
+                                    o[g, d] = o[g, d] + sc[g, r] * kf[d]
+                    for g in T.serial(group):
+                        for d in T.vectorized(D):
+                            output[qrow, hk * group + g, d] = T.Cast(
+                                dtype, T.if_then_else(st[g, 1] > T.float32(0), o[g, d] / st[g, 1], T.float32(0)))
+                        lse[qrow, hk * group + g] = st[g, 0] + T.log2(T.max(st[g, 1], T.float32(1e-30)))
+
+    return attn
+
+
+def _accessed_buffers(func) -> dict:
+    """name -> Buffer for the buffers that the blocks of `func` declare they read or write (the Python
+    API of this TVM has no buffer_map on PrimFunc)."""
+    found: dict = {}
+    todo = [func.body]
+    while todo:
+        node = todo.pop()
+        block = getattr(node, "block", None)
+        if block is not None:
+            for region in list(block.reads) + list(block.writes):
+                found.setdefault(region.source.name, region.source)
+            todo.append(block.body)
+        elif hasattr(node, "seq"):
+            todo.extend(node.seq)
+        elif hasattr(node, "body"):
+            todo.append(node.body)
+    return found
+
+
+def attention_pass():
+    """Module pass: replace TVM's CPU paged decode attention and ragged prefill attention by
+    decode_attention_cpu / prefill_attention_cpu (shapes read from the stock functions' buffers)."""
+    import tvm
+    from tvm import tirx
+
+    def replacement(name: str, bufs: dict):
+        if name == STOCK_DECODE_ATTENTION and {"Q", "pages"} <= set(bufs):
+            _, h_qo, _ = bufs["Q"].shape
+            _, _, h_kv, page_size, d = bufs["pages"].shape
+            return decode_attention_cpu(int(h_qo), int(h_kv), int(d), int(page_size), str(bufs["pages"].dtype))
+        if name == STOCK_PREFILL_ATTENTION and {"q", "k", "v"} <= set(bufs) \
+                and int(bufs["k"].shape[2]) == int(bufs["v"].shape[2]):
+            _, h_qo, d = bufs["q"].shape
+            return prefill_attention_cpu(int(h_qo), int(bufs["k"].shape[1]), int(d), str(bufs["q"].dtype))
+        raise RuntimeError(f"{name}: unexpected TVM kernel (buffers {sorted(bufs)}); "
+                           f"update export/cpu_schedule.py for this TVM version")
+
+    @tvm.transform.module_pass(opt_level=0, name="CPUAttention")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
+                continue
+            name = func.attrs.get("global_symbol")
+            if name in (STOCK_DECODE_ATTENTION, STOCK_PREFILL_ATTENTION):
+                mod[gv] = replacement(name, _accessed_buffers(func)).with_attr("global_symbol", name)
+        return mod
+
+    return _pass
 
 
 def cpu_pipeline(target):
@@ -92,14 +478,15 @@ def cpu_pipeline(target):
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
+                [attention_pass()]
+                + cpu_generic.library_dispatch_passes(target)
                 + [
                     relax.transform.LegalizeOps(),
                     relax.transform.AnnotateTIROpPattern(),
                     relax.transform.FoldConstant(),
                     relax.transform.FuseOps(),
                     relax.transform.FuseTIR(),
-                    dl.ApplyDefaultSchedule(_rules()[0], dl.cpu.Reduction(), _rules()[1]),
+                    dl.ApplyDefaultSchedule(*_rules()[:2], dl.cpu.Reduction(), _rules()[2]),
                 ]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)

@@ -101,8 +101,30 @@ def import_tvm_ffi():
     return tvm_ffi
 
 
+def physical_cores() -> int:
+    """The cores this process may run on, hyper-thread siblings counted once.
+
+    TVM's own default is half the logical CPUs (it assumes two threads per core): one thread on a
+    2-vCPU machine whose vCPUs are separate cores, half the speed of llama.cpp's default there."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
 def load_runtime(device: str = "cpu"):
-    """Load libtvm_runtime (and the CUDA parts for device 'cuda'); return the tvm_ffi module."""
+    """Load libtvm_runtime (and the CUDA parts for device 'cuda'); return the tvm_ffi module.
+    The CPU thread pool gets one thread per physical core unless TVM_NUM_THREADS says otherwise (read
+    when the pool starts, at the first parallel kernel)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
     tvm_ffi = import_tvm_ffi()
     _dlopen(str(find_library(RUNTIME_LIB)))
     if device == "cuda":

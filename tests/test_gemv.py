@@ -90,3 +90,57 @@ def test_cuda_config_is_valid_for_decode_shapes(target):
             assert c.tx in (4, 8, 16, 32) and c.rows in (1, 2, 4) and c.unroll in (1, 2, 4)
             assert c.tx * c.ty * c.ksplit <= t.max_threads_per_block
             assert c.tx * c.ksplit <= max(4, K // 32) or c.tx == 4  # no lane group without any chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU attention kernels that export/cpu_schedule.py swaps in for TVM's paged-KV-cache ones
+# (same signatures), against numpy. Stale NaN rows in the last page must never reach the output.
+
+ATT_H, ATT_HK, ATT_D, ATT_PAGE = 9, 3, 64, 16  # SmolLM2's heads
+
+
+def _cpu_lib(func):
+    return tvm.compile(tvm.IRModule({"main": func}), target=get_target("cpu").tvm_target())
+
+
+@pytest.mark.parametrize("L", [1, 16, 17, 130])
+def test_cpu_decode_attention_matches_reference(L):
+    from export.cpu_schedule import decode_attention_cpu, decode_attention_reference
+
+    rng = np.random.default_rng(L)
+    n_pages = -(-L // ATT_PAGE)
+    pages = np.full((n_pages + 3, 2, ATT_HK, ATT_PAGE, ATT_D), np.nan, np.float16)
+    order = rng.permutation(n_pages + 3)[:n_pages].astype(np.int32)  # pages out of order
+    k = rng.standard_normal((L, ATT_HK, ATT_D)).astype(np.float16)
+    v = rng.standard_normal((L, ATT_HK, ATT_D)).astype(np.float16)
+    for t in range(L):
+        pages[order[t // ATT_PAGE], 0, :, t % ATT_PAGE] = k[t]
+        pages[order[t // ATT_PAGE], 1, :, t % ATT_PAGE] = v[t]
+    q = (rng.standard_normal((1, ATT_H, ATT_D)) * 2).astype(np.float16)
+    last = L - (n_pages - 1) * ATT_PAGE
+    args = [tvm.runtime.tensor(a) for a in (
+        q, pages, np.array([0, n_pages], np.int32), order, np.array([last], np.int32), np.zeros(1, np.int32),
+        np.zeros(1, np.int32), np.zeros((1, ATT_H, ATT_D), np.float16), np.zeros((1, ATT_H), np.float32))]
+    _cpu_lib(decode_attention_cpu(ATT_H, ATT_HK, ATT_D, ATT_PAGE))["main"](*args, 0, 1.0, 1e4, ATT_D ** -0.5)
+    out, lse = decode_attention_reference(q[0], k, v, ATT_D ** -0.5)
+    np.testing.assert_allclose(args[7].numpy()[0].astype(np.float32), out, atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(args[8].numpy()[0], lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_len,kv_len,causal", [(1, 1, 1), (37, 37, 1), (20, 33, 1), (7, 9, 0)])
+def test_cpu_prefill_attention_matches_reference(q_len, kv_len, causal):
+    from export.cpu_schedule import decode_attention_reference, prefill_attention_cpu
+
+    rng = np.random.default_rng(q_len * 100 + kv_len)
+    q = rng.standard_normal((q_len, ATT_H, ATT_D)).astype(np.float16)
+    k = rng.standard_normal((kv_len, ATT_HK, ATT_D)).astype(np.float16)
+    v = rng.standard_normal((kv_len, ATT_HK, ATT_D)).astype(np.float16)
+    args = [tvm.runtime.tensor(a) for a in (
+        q, np.array([0, q_len], np.int32), k, v, np.array([0, kv_len], np.int32), np.zeros(q_len, np.int32),
+        np.zeros(1, np.int32), np.zeros((q_len, ATT_H, ATT_D), np.float16), np.zeros((q_len, ATT_H), np.float32))]
+    _cpu_lib(prefill_attention_cpu(ATT_H, ATT_HK, ATT_D))["main"](*args, causal, 0, 1.0, 1e4, ATT_D ** -0.5)
+    for i in range(q_len):
+        seen = min(kv_len, kv_len - q_len + i + 1) if causal else kv_len  # TVM's causal mask
+        out, lse = decode_attention_reference(q[i], k[:seen], v[:seen], ATT_D ** -0.5)
+        np.testing.assert_allclose(args[7].numpy()[i].astype(np.float32), out, atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(args[8].numpy()[i], lse, atol=1e-4, rtol=1e-5)

@@ -308,3 +308,19 @@ def test_bundle_runtime_from_wheel_dir(tmp_path, target, cuda):
     assert any(n.startswith("awq-edge-runtime/wheels/apache_tvm_ffi-") for n in names)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")] == []
     assert main(["bundle-runtime", "--target", target, "--out", str(tmp_path / "x.zip"), "--wheel-dir", str(wheels)]) == 2
+
+
+
+def test_cpu_thread_default_counts_physical_cores(monkeypatch):
+    import os
+
+    from runtime import tvm_loader
+
+    n = tvm_loader.physical_cores()
+    assert 1 <= n <= (os.cpu_count() or 1)
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    tvm_loader.load_runtime("cpu")
+    assert os.environ["TVM_NUM_THREADS"] == str(n)
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # an explicit setting wins
+    tvm_loader.load_runtime("cpu")
+    assert os.environ["TVM_NUM_THREADS"] == "1"

@@ -19,8 +19,11 @@ Why this shape of kernel (CUDA; one TIR schedule, tiled by `cuda_config` from th
 - Odd shapes stay in this kernel: rows past N are clamped for loading and skipped at the store;
   chunks past K/32 are predicated off.
 
-CPU (llvm): one 32-bit word is one 8-lane fp32 vector (broadcast, per-lane shift, convert), rows
-parallel over cores, activations converted to fp32 once.
+CPU (llvm): compute-bound on one core (hot or cold weights run at the same speed on a 2-core x86), so
+the inner step is counted in vector instructions: 8 consecutive words of a row are one vector, nibble j
+of all 8 comes out with one AND and one int->float convert (kept in place, as q * 16^j, against
+activations pre-scaled by 16^-j), one FMA; the zero point and the activation permutation/conversion
+are handled once per call; two rows per step share each activation load; rows parallel over cores.
 """
 from __future__ import annotations
 
@@ -234,65 +237,89 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
 def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
     from tvm.script import tirx as T
 
-    # One 32-bit word = 8 nibbles = one 8-lane fp32 vector (AVX2 register; two NEON registers): the word
-    # is broadcast and shifted by (0, 4, ..., 28) per lane, so the unpacking vectorizes with no gather.
-    # A = 4 independent accumulators per activation row hide the FMA latency (one chain would stall).
-    NG, KW, WPG = K // G, K // 8, G // 8
-    A = 4 if WPG % 4 == 0 else (2 if WPG % 2 == 0 else 1)
+    # Counted in vector instructions per 8 weights (one 32-bit word). Per row, VL consecutive words are
+    # one vector load (VL = 8 lanes on AVX2, 4 when K/8 is not a multiple of 8); nibble j of every lane
+    # comes out with a single AND against 0xF << 4j, kept in place: converted to float it is the exact
+    # q * 16^j, and the activations are pre-scaled by 16^-j (exact, a power of two) in a permuted copy
+    # xp[m, c, j, lane] = x[m, 8 (VL c + lane) + j] / 16^j, built once per call and shared by all rows.
+    # Nibble 7 would be negative as int32, so it is shifted down instead. That is AND + convert + FMA per
+    # 8 weights (the broadcast/variable-shift/subtract form took 6). The zero point leaves the nibble loop:
+    # sum_k x (q - z) = sum_k x q - z sum_k x, one FMA per VL words against the per-lane sums of x
+    # (xs[m, c, lane] = sum_j x[m, 8 (VL c + lane) + j], also computed once per call).
+    NG, KW = K // G, K // 8
+    VL = 8 if KW % 8 == 0 else 4
+    NC = KW // VL
+    R = 2  # rows per step: each activation load feeds R FMAs
+
+    def row(nr, r):  # rows past N (odd N) are clamped for loading and skipped at the store
+        return T.min(nr * R + r, N - 1)
 
     @T.prim_func(s_tir=True)
     def gemv(
         x: T.Buffer((M, K), "float16"),
-        weight: T.Buffer((N, KW), "uint32"),
+        weight: T.Buffer((N, KW), "uint32", align=4),  # arrays may come from numpy (16-byte aligned): no aligned vector loads
         scales: T.Buffer((N, NG), "float16"),
         zeros: T.Buffer((N, NG), "float16"),
         y: T.Buffer((M, N), "float16"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        xf = T.alloc_buffer((M, K), "float32")
-        # activations converted once (shared by all N rows), not per row
-        for m, k in T.grid(M, K):
-            with T.sblock("xf"):
-                vm, vk = T.axis.remap("SS", [m, k])
-                xf[vm, vk] = T.Cast("float32", x[vm, vk])
-        for n in T.parallel(N):
-            with T.sblock("row"):
-                vn = T.axis.spatial(N, n)
-                # default scope: small constant-size buffers become stack allocas (scope "local" here
-                # would call the workspace allocator once per row)
-                acc = T.sblock_alloc_buffer((M, 8), "float32")
-                part = T.sblock_alloc_buffer((M, A, 8), "float32")
-                d = T.sblock_alloc_buffer((8,), "float32")
+        xp = T.alloc_buffer((M, NC, 8, VL), "float32")
+        xs = T.alloc_buffer((M, NC, VL), "float32")
+        for m, c, j in T.grid(M, NC, 8):
+            for v in T.vectorized(VL):
+                with T.sblock("xp"):
+                    vm, vc, vj, vv = T.axis.remap("SSSS", [m, c, j, v])
+                    xp[vm, vc, vj, vv] = T.Cast("float32", x[vm, (vc * VL + vv) * 8 + vj]) * T.if_then_else(
+                        vj == 7, T.float32(1), T.pow(T.float32(0.0625), T.Cast("float32", vj)))
+        for m, c in T.grid(M, NC):
+            for v in T.vectorized(VL):
+                with T.sblock("xs"):
+                    vm, vc, vv = T.axis.remap("SSS", [m, c, v])
+                    xs[vm, vc, vv] = T.float32(0)
+                    for j in T.serial(8):
+                        xs[vm, vc, vv] = xs[vm, vc, vv] + T.Cast("float32", x[vm, (vc * VL + vv) * 8 + j])
+        for nr in T.parallel((N + R - 1) // R):
+            with T.sblock("rows"):
+                vnr = T.axis.spatial((N + R - 1) // R, nr)
+                # default scope: small constant-size buffers become stack allocas that LLVM keeps in
+                # registers (scope "local" would call the workspace allocator once per row)
+                acc = T.sblock_alloc_buffer((R, M, VL), "float32")
+                part = T.sblock_alloc_buffer((R, M, 2, VL), "float32")
+                d = T.sblock_alloc_buffer((R, VL), "float32")
                 red = T.sblock_alloc_buffer((M,), "float32")
-                for m in T.serial(M):
-                    for v in T.vectorized(8):
-                        acc[m, v] = T.float32(0)
-                for g in T.serial(NG):
-                    for m, a in T.grid(M, A):
-                        for v in T.vectorized(8):
-                            part[m, a, v] = T.float32(0)
-                    for w in T.unroll(WPG):
-                        for v in T.vectorized(8):
-                            d[v] = T.Cast(
-                                "float32",
-                                T.bitwise_and(
-                                    T.shift_right(weight[vn, g * WPG + w], T.Cast("uint32", v * 4)), T.uint32(15)
-                                ),
-                            ) - T.Cast("float32", zeros[vn, g])
+                for r, m in T.grid(R, M):
+                    for v in T.vectorized(VL):
+                        acc[r, m, v] = T.float32(0)
+                for c in T.serial(NC):
+                    for r, m, a in T.grid(R, M, 2):
+                        for v in T.vectorized(VL):
+                            part[r, m, a, v] = T.float32(0)
+                    for j in T.unroll(8):
+                        for r in T.unroll(R):
+                            for v in T.vectorized(VL):
+                                d[r, v] = T.Cast("float32", T.Cast("int32", T.if_then_else(
+                                    j == 7,
+                                    T.shift_right(weight[row(vnr, r), c * VL + v], T.uint32(28)),
+                                    T.bitwise_and(weight[row(vnr, r), c * VL + v],
+                                                  T.shift_left(T.uint32(15), T.Cast("uint32", 4 * j))),
+                                )))
                         for m in T.serial(M):
-                            for v in T.vectorized(8):
-                                part[m, w % A, v] = part[m, w % A, v] + xf[m, g * G + w * 8 + v] * d[v]
+                            for r in T.unroll(R):
+                                for v in T.vectorized(VL):
+                                    part[r, m, j % 2, v] = part[r, m, j % 2, v] + xp[m, c, j, v] * d[r, v]
+                    for r in T.unroll(R):
+                        for m in T.serial(M):
+                            for v in T.vectorized(VL):
+                                acc[r, m, v] = acc[r, m, v] + (part[r, m, 0, v] + part[r, m, 1, v] - T.Cast(
+                                    "float32", zeros[row(vnr, r), (c * VL + v) * 8 // G]) * xs[m, c, v]) * T.Cast(
+                                    "float32", scales[row(vnr, r), (c * VL + v) * 8 // G])
+                for r in T.unroll(R):
                     for m in T.serial(M):
-                        for a in T.serial(1, A):
-                            for v in T.vectorized(8):
-                                part[m, 0, v] = part[m, 0, v] + part[m, a, v]
-                        for v in T.vectorized(8):
-                            acc[m, v] = acc[m, v] + part[m, 0, v] * T.Cast("float32", scales[vn, g])
-                for m in T.serial(M):
-                    red[m] = T.float32(0)
-                    for v in T.serial(8):
-                        red[m] = red[m] + acc[m, v]
-                    y[m, vn] = T.Cast("float16", red[m])
+                        red[m] = T.float32(0)
+                        for v in T.serial(VL):
+                            red[m] = red[m] + acc[r, m, v]
+                        if vnr * R + r < N:
+                            y[m, vnr * R + r] = T.Cast("float16", red[m])
 
     return gemv
 
