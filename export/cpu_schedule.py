@@ -14,6 +14,7 @@ scalar and one thread, with one online-softmax rescale and two libm exp2 calls p
 softmax rescale once per page of tokens, and a polynomial exp2 that vectorizes. Its ragged prefill
 kernel scored every key for every query (masked or not) in scalar code, minutes for a 2048-token
 prompt; `prefill_attention_cpu` is the same design over the chunk's own keys, causal limit per row.
+Their numpy reference is the CUDA decode kernel's, `tvm_kernels.decode_attention.reference`.
 """
 from __future__ import annotations
 
@@ -159,21 +160,6 @@ def _exp2(x):
     p = p * f + T.float32(1.0)
     two_n = tirx.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
     return p * two_n
-
-
-def decode_attention_reference(q, k, v, sm_scale):
-    """numpy: q [H_qo, D], k/v [L, H_kv, D] (the cached tokens in order) -> (out [H_qo, D], lse [H_qo], base 2)."""
-    import numpy as np
-
-    H, D = q.shape
-    group = H // k.shape[1]
-    kk = np.repeat(k.astype(np.float32), group, axis=1)  # [L, H, D]
-    vv = np.repeat(v.astype(np.float32), group, axis=1)
-    s = np.einsum("hd,lhd->hl", q.astype(np.float32), kk) * sm_scale * LOG2E
-    m = s.max(axis=1, keepdims=True)
-    p = np.exp2(s - m)
-    out = np.einsum("hl,lhd->hd", p, vv) / p.sum(axis=1, keepdims=True)
-    return out, (m[:, 0] + np.log2(p.sum(axis=1)))
 
 
 def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: str = "float16"):
