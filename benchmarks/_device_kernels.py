@@ -136,6 +136,62 @@ def check_gemv(fn, k, gen):
     return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
 
 
+def check_add_norm(fn, k, gen):
+    """add+RMSNorm against torch float32 (sum rounded to fp16 first, as the model computes it)."""
+    H, M = k["N"], k["M"]
+    a = (torch.randn((M, H), device=DEV, generator=gen) * 3).half()
+    b = torch.randn((M, H), device=DEV, generator=gen).half()
+    w = (1 + 0.3 * torch.randn((H,), device=DEV, generator=gen)).half()
+    y = torch.full((M, H), float("nan"), device=DEV, dtype=torch.float16)
+    s = torch.full((M, H), float("nan"), device=DEV, dtype=torch.float16)
+    fn(ffi(a), ffi(b), ffi(w), ffi(y), ffi(s))
+    torch.cuda.synchronize()
+    s_ref = (a + b).float()
+    ref = s_ref * torch.rsqrt((s_ref * s_ref).mean(-1, keepdim=True) + 1e-5) * w.float()
+    finite = bool(torch.isfinite(y).all() and torch.isfinite(s).all())
+    err = float((y.float() - ref).norm() / ref.norm()) if finite else float("nan")
+    ok = finite and err < TOL and bool(torch.equal(s.float(), s_ref))
+    return {"rel_err": err, "all_written": finite, "ok": ok}
+
+
+def check_decode_attn(fn, k, gen):
+    """Split-KV paged decode attention for one sequence (pages out of order, a partial last page) against
+    torch float32 softmax attention; lse in log2 units. Two context lengths: short and long."""
+    Hq, Hkv, D, P = k["N"], k["K"], k["G"], 16
+    worst, finite = 0.0, True
+    for L in (37, 700):
+        n = -(-L // P)
+        pages = torch.full((n + 3, 2, Hkv, P, D), float("nan"), device=DEV, dtype=torch.float16)
+        order = torch.randperm(n + 3, device=DEV, generator=gen)[:n].int()
+        kk = torch.randn((L, Hkv, D), device=DEV, generator=gen).half()
+        vv = torch.randn((L, Hkv, D), device=DEV, generator=gen).half()
+        t = torch.arange(L, device=DEV)
+        pages[order[t // P].long(), 0, :, t % P] = kk
+        pages[order[t // P].long(), 1, :, t % P] = vv
+        q = (torch.randn((1, Hq, D), device=DEV, generator=gen) * 2).half()
+        out = torch.full((1, Hq, D), float("nan"), device=DEV, dtype=torch.float16)
+        lse = torch.full((1, Hq), float("nan"), device=DEV, dtype=torch.float32)
+        i32 = lambda v: torch.tensor(v, device=DEV, dtype=torch.int32)  # noqa: E731
+        scale = D ** -0.5
+        fn(ffi(q), ffi(pages), ffi(i32([0, n])), ffi(order.contiguous()), ffi(i32([L - (n - 1) * P])), ffi(i32([0])),
+           ffi(i32([0])), ffi(out), ffi(lse), 0, 1.0, 1e4, scale)
+        torch.cuda.synchronize()
+        g = Hq // Hkv
+        kf, vf = kk.float().repeat_interleave(g, 1), vv.float().repeat_interleave(g, 1)  # [L, Hq, D]
+        sc = torch.einsum("hd,lhd->hl", q[0].float(), kf) * scale
+        ref = torch.einsum("hl,lhd->hd", torch.softmax(sc, -1), vf)
+        ref_lse = torch.logsumexp(sc, -1) / math.log(2)
+        finite = finite and bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
+        if finite:
+            worst = max(worst, float((out[0].float() - ref).norm() / ref.norm()),
+                        float((lse[0] - ref_lse).abs().max() / ref_lse.abs().max()))
+    err = worst if finite else float("nan")
+    return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
+
+
+CHECKS = {"add_norm": check_add_norm, "decode_attn": check_decode_attn}
+
+
 def check_gemm(fn, k, gen):
     N, K, G = k["N"], k["K"], k["G"]
     M = k["M"] if k["set"] == "odd" else 2048
@@ -250,9 +306,10 @@ def main():
             continue
         try:
             fn = mods[k["lib"]][k["name"]]
-            chk = (check_gemm if k["kind"] == "gemm" else check_gemv)(fn, k, gen)
+            check = CHECKS.get(k["kind"]) or (check_gemm if k["kind"] == "gemm" else check_gemv)
+            chk = check(fn, k, gen)
             # a second draw: a race or unwritten output shows up as a moving error
-            chk2 = (check_gemm if k["kind"] == "gemm" else check_gemv)(fn, k, gen)
+            chk2 = check(fn, k, gen)
             chk["rel_err2"], chk["ok"] = chk2["rel_err"], chk["ok"] and chk2["ok"]
         except Exception as e:
             chk = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -94,7 +94,19 @@ def cmd_build(args) -> int:
     libs: dict[str, dict] = {}
     sm90 = get_target("cuda-sm90")
     orin = _orin_on_x86()
+    from tvm_kernels.decode_attention import decode_attention
+    from tvm_kernels.fused_ops import add_rms_norm
+
     for tname, t, lib in (("cuda-sm90", sm90, "sm90"), ("jetson-orin", orin, "sm87")):
+        # the decode step's other kernels, checked (not timed) on both builds: add+RMSNorm, split-KV attention
+        for H in (4096, 576):
+            add(lib, f"addnorm_{lib}_h{H}", add_rms_norm(H, 1e-5, t), kind="add_norm", set="fused", label=f"h{H}",
+                N=H, K=H, G=0, M=7, target=tname)
+        for label, (hq, hkv, d) in (("llama7b", (32, 32, 128)), ("smollm2", (9, 3, 64))):
+            add(lib, f"attn_{lib}_{label}", decode_attention(hkv, hq, d, t), kind="decode_attn", set="fused",
+                label=label, N=hq, K=hkv, G=d, M=1, target=tname)
+        if args.fused_only:
+            continue
         for group, shapes, G in (("llama7b", LLAMA7B, 128), ("smollm2", SMOLLM2, 64)):
             for Ms in ((1, 4, 8) if lib == "sm90" else (1,)):
                 for label, N, K in shapes:
@@ -111,7 +123,7 @@ def cmd_build(args) -> int:
                 add("sm90sweep", f"gemv_sweep_{label}_m{Ms}_c{j}", gemv_w4a16(N, K, 128, sm90, M=Ms, config=cfg),
                     kind="gemv", set="sweep", label=label, N=N, K=K, G=128, M=Ms, target="cuda-sm90",
                     config=dataclasses.asdict(cfg))
-    gemm = _try_gemm()
+    gemm = None if args.fused_only else _try_gemm()
     if gemm is not None:
         for label, N, K in LLAMA7B:
             add("gemm90", f"gemm_sm90_llama7b_{label}", gemm(N, K, 128, sm90), kind="gemm", set="llama7b",
@@ -303,6 +315,7 @@ def main() -> int:
     b = sub.add_parser("build")
     b.add_argument("--out", default=str(CARRY))
     b.add_argument("--sweep", action="store_true", help="also build tiling variants of the Llama-2-7B GEMVs")
+    b.add_argument("--fused-only", action="store_true", help="only the add+RMSNorm and decode-attention kernels")
     b.set_defaults(func=cmd_build)
     c = sub.add_parser("collect")
     c.add_argument("device_json")
