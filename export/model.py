@@ -522,27 +522,21 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             # NORMAL: rotate-half RoPE applied to q and k before k enters the cache (as HF Llama);
             # NONE: no RoPE (learned positions) or RoPE already applied by the module.
             mode = RopeMode.NORMAL if fam.positions == "rope" and not fam.rope_in_model else RopeMode.NONE
-            ctx = decode_attention(mode) if decode_attention else contextlib.nullcontext()
-            with ctx:
-                return self._kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-                                      support_sliding_window, mode)
-
-        def _kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
-                      mode):
             window = {"layer_sliding_window_size": cfg.sliding_window} if any(sliding) else {}
-            return TIRPagedKVCache(
-                attn_kind=["mha_sliding" if s else "mha" for s in sliding] if any(sliding) else "mha",
-                max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-                prefill_chunk_size=prefill_chunk_size, page_size=page_size,
-                support_sliding_window=support_sliding_window,
-                layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
-                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=H, num_key_value_heads=KV,
-                qk_head_dim=D, v_head_dim=D, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-                rope_mode=mode, rope_scale=1, rope_theta=cfg.rope_theta,
-                rope_scaling=dict(cfg.rope_scaling) if mode == RopeMode.NORMAL else {},
-                rope_ext_factors=rx.prim_value(0), rotary_dim=D,
-                enable_disaggregation=False, dtype="float16", target=Target.current(), **window,
-            )
+            with decode_attention(mode) if decode_attention else contextlib.nullcontext():
+                return TIRPagedKVCache(
+                    attn_kind=["mha_sliding" if s else "mha" for s in sliding] if any(sliding) else "mha",
+                    max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+                    prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+                    support_sliding_window=support_sliding_window,
+                    layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
+                    num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=H, num_key_value_heads=KV,
+                    qk_head_dim=D, v_head_dim=D, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+                    rope_mode=mode, rope_scale=1, rope_theta=cfg.rope_theta,
+                    rope_scaling=dict(cfg.rope_scaling) if mode == RopeMode.NORMAL else {},
+                    rope_ext_factors=rx.prim_value(0), rotary_dim=D,
+                    enable_disaggregation=False, dtype="float16", target=Target.current(), **window,
+                )
 
     def spec():
         packed = {"param_mode": "packed", "effect_mode": "none"}
