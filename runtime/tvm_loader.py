@@ -124,7 +124,8 @@ def load_runtime(device: str = "cpu"):
     """Load libtvm_runtime (and the CUDA parts for device 'cuda'); return the tvm_ffi module.
     The CPU thread pool gets one thread per physical core unless TVM_NUM_THREADS says otherwise (read
     when the pool starts, at the first parallel kernel)."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+    if "TVM_NUM_THREADS" not in os.environ:  # count the cores only when it matters
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
     tvm_ffi = import_tvm_ffi()
     _dlopen(str(find_library(RUNTIME_LIB)))
     if device == "cuda":
