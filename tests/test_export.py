@@ -171,6 +171,18 @@ def assert_close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
     assert err <= tol, f"{what}: max |tvm - transformers| = {err:.4g} > {tol:.4g}"
 
 
+def assert_matches_transformers(model, art: Path, prompt: list[int], steps: int, tmp: Path, what: str) -> None:
+    """The artifact, driven by the runtime alone, against transformers on the same weights: prefill and
+    decode logits within assert_close's tolerance, greedy tokens identical."""
+    out = run_artifact(art, prompt, steps, tmp)
+    full = prompt + [int(t) for t in out["tokens"]]
+    ref = reference_logits(model, full)
+    n = len(prompt)
+    assert_close(out["prefill"], ref[:n], f"{what} prefill")
+    assert_close(out["decode"], ref[n:n + steps], f"{what} decode")
+    np.testing.assert_array_equal(out["tokens"], ref[n - 1:n - 1 + steps].argmax(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # cpu: numerics through the runtime alone
 
@@ -213,13 +225,7 @@ def test_cpu_export_matches_transformers(tmp_path, exported, family, awq):
         D = getattr(tc, "head_dim", None) or tc.hidden_size // H
         assert qkv["dtype"] == "uint32" and qkv["shape"] == [(H + 2 * KV) * D, tc.hidden_size // 8]
 
-    out = run_artifact(art, PROMPT, DECODE_STEPS, tmp_path)
-    full = PROMPT + [int(t) for t in out["tokens"]]
-    ref = reference_logits(model, full)
-    n = len(PROMPT)
-    assert_close(out["prefill"], ref[:n], f"{family} prefill (chunks of 8)")
-    assert_close(out["decode"], ref[n:n + DECODE_STEPS], f"{family} decode")
-    np.testing.assert_array_equal(out["tokens"], ref[n - 1:n - 1 + DECODE_STEPS].argmax(-1))
+    assert_matches_transformers(model, art, PROMPT, DECODE_STEPS, tmp_path, f"{family} (prefill in chunks of 8)")
 
 
 def test_prefill_last_logits_and_weights_roundtrip(tmp_path):

@@ -19,7 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_export import assert_close, make_checkpoint, reference_logits, run_artifact, save_checkpoint  # noqa: E402
+from test_export import (assert_close, assert_matches_transformers, make_checkpoint, reference_logits,  # noqa: E402
+                         save_checkpoint)
 
 PROMPT = [int(t) for t in np.random.default_rng(1).integers(3, 250, 40)]
 DECODE_STEPS = 6
@@ -86,13 +87,8 @@ def test_export_matches_transformers(tmp_path, exported, family, awq):
         assert man.kv_cache["layer_sliding_window"] == 0
         pos = next(p for p in man.params if p["name"] == "model.embed_positions.weight")
         assert pos["shape"] == [512 + 2, 128]  # max_position_embeddings + OPT's offset 2
-    out = run_artifact(art, PROMPT, DECODE_STEPS, tmp_path)
-    full = PROMPT + [int(t) for t in out["tokens"]]
-    ref = reference_logits(model, full)
-    n = len(PROMPT)
-    assert_close(out["prefill"], ref[:n], f"{family} prefill ({n} tokens, chunks of {CHUNK})")
-    assert_close(out["decode"], ref[n:n + DECODE_STEPS], f"{family} decode")
-    np.testing.assert_array_equal(out["tokens"], ref[n - 1:n - 1 + DECODE_STEPS].argmax(-1))
+    assert_matches_transformers(model, art, PROMPT, DECODE_STEPS, tmp_path,
+                                f"{family} ({len(PROMPT)} tokens, prefill in chunks of {CHUNK})")
 
 
 def test_window_matters():
