@@ -1,7 +1,8 @@
 """Where the host time of one decode step goes (GPU machine): the runtime's decode() split into its
 calls, each timed on the host, against the step's GPU kernel time from _device_profile.py.
 
-  PYTHONPATH=/tmp/tvmrt AWQ_EDGE_TVM_LIB=$PWD/.gpu/tvmrt python3 benchmarks/_device_host_overhead.py ART...
+  PYTHONPATH=/tmp/tvmrt AWQ_EDGE_TVM_LIB=$PWD/.gpu/tvmrt python3 benchmarks/_device_host_overhead.py \
+      --out $OUT/host_overhead.json ART...
 """
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    import torch  # noqa: F401  (libcudart.so.13 from torch's wheels, before the TVM runtime)
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import torch  # libcudart.so.13 from torch's wheels, before the TVM runtime
 
     from runtime.engine import SEQ_ID, Engine
 
     out = []
-    for art in sys.argv[1:]:
+    for art in args.artifacts:
         eng = Engine(art, device="cuda", verify=False, synthesize_weights=True)
         eng.prefill(np.random.default_rng(0).integers(100, 1000, 128).tolist())
         for _ in range(16):
@@ -52,6 +59,12 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         out.append(row)
         del eng
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
+        "note": "host time of each call of one decode step (prompt 128, synthesized weights), 64 steps averaged; "
+                "decode_enqueue = the VM decode call returning, sync = waiting for the GPU afterwards",
+        "rows": out}, indent=1))
     return 0
 
 
