@@ -16,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import tvmrt
@@ -189,7 +190,80 @@ def check_decode_attn(fn, k, gen):
     return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
 
 
-CHECKS = {"add_norm": check_add_norm, "decode_attn": check_decode_attn}
+def _prefill_ref(q, k, v, scale, causal):
+    """torch float32: q [Lq, Hq, D], k/v [Lk, Hkv, D] (queries = the last Lq positions) -> out, lse (log2)."""
+    Lq, Hq, _ = q.shape
+    Lk, Hkv, _ = k.shape
+    g = Hq // Hkv
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(g, 1)) * scale
+    if causal:
+        vis = torch.arange(Lk, device=DEV)[None, :] < (Lk - Lq + torch.arange(Lq, device=DEV) + 1)[:, None]
+        s = s.masked_fill(~vis[None], float("-inf"))
+    out = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v.float().repeat_interleave(g, 1))
+    return out, (torch.logsumexp(s, -1) / math.log(2)).T
+
+
+def _prefill_call(fn, seqs, Hq, Hkv, D, gen, causal):
+    """One ragged batch: seqs = [(qo_len, kv_len)]; output/lse poisoned with NaN first."""
+    qs = [(torch.randn((a, Hq, D), device=DEV, generator=gen) * 2).half() for a, _ in seqs]
+    ks = [torch.randn((b, Hkv, D), device=DEV, generator=gen).half() for _, b in seqs]
+    vs = [torch.randn((b, Hkv, D), device=DEV, generator=gen).half() for _, b in seqs]
+    i32 = lambda v: torch.tensor(v, device=DEV, dtype=torch.int32)  # noqa: E731
+    q_indptr = i32([0] + list(np.cumsum([a for a, _ in seqs])))
+    kv_indptr = i32([0] + list(np.cumsum([b for _, b in seqs])))
+    q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=DEV, dtype=torch.float32)
+    scale = D ** -0.5
+    args = [ffi(q), ffi(q_indptr), ffi(k), ffi(v), ffi(kv_indptr), ffi(torch.zeros(len(q), device=DEV, dtype=torch.int32)),
+            ffi(torch.zeros(len(seqs), device=DEV, dtype=torch.int32)), ffi(out), ffi(lse)]
+    fn(*args, int(causal), 0, 1.0, 1e4, scale)
+    torch.cuda.synchronize()
+    return qs, ks, vs, out, lse, scale, q_indptr.tolist()
+
+
+def check_prefill_attn(fn, k, gen):
+    """Ragged prefill attention: three sequences in one call (one continues a cached prefix: queries are the
+    last 20 of 90 keys), causal and not, against torch float32 softmax attention; lse in log2 units."""
+    Hq, Hkv, D = k["N"], k["K"], k["G"]
+    worst, finite = 0.0, True
+    for causal in (1, 0):
+        qs, ks, vs, out, lse, scale, ind = _prefill_call(fn, [(37, 37), (300, 300), (20, 90)], Hq, Hkv, D, gen, causal)
+        finite = finite and bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
+        for i, (q, kk, vv) in enumerate(zip(qs, ks, vs)):
+            ref, ref_lse = _prefill_ref(q, kk, vv, scale, causal)
+            o, l = out[ind[i]:ind[i + 1]].float(), lse[ind[i]:ind[i + 1]]
+            if finite:
+                worst = max(worst, float((o - ref).norm() / ref.norm()),
+                            float((l - ref_lse).abs().max() / ref_lse.abs().max()))
+    err = worst if finite else float("nan")
+    return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
+
+
+def bench_prefill_attn(fn, k, gen):
+    """One causal sequence of L tokens (no cached prefix), L = 512 and 2048; torch SDPA (flash) beside it."""
+    Hq, Hkv, D = k["N"], k["K"], k["G"]
+    rows = []
+    for L in (512, 2048):
+        q = torch.randn((L, Hq, D), device=DEV, generator=gen).half()
+        kk = torch.randn((L, Hkv, D), device=DEV, generator=gen).half()
+        vv = torch.randn((L, Hkv, D), device=DEV, generator=gen).half()
+        out = torch.empty_like(q)
+        lse = torch.empty((L, Hq), device=DEV, dtype=torch.float32)
+        i32 = lambda v: torch.tensor(v, device=DEV, dtype=torch.int32)  # noqa: E731
+        z = torch.zeros(L, device=DEV, dtype=torch.int32)
+        args = [ffi(q), ffi(i32([0, L])), ffi(kk), ffi(vv), ffi(i32([0, L])), ffi(z), ffi(z[:1]), ffi(out), ffi(lse)]
+        sec, spread = time_graph([lambda: fn(*args, 1, 0, 1.0, 1e4, D ** -0.5)], reps_min=20)
+        qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, kk, vv))
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)  # noqa: E731
+        sec_t, _ = time_graph([sdpa], reps_min=20)
+        flops = 4 * D * Hq * L * (L + 1) / 2  # causal: QK^T and PV over the visible half
+        rows.append({"L": L, "us": sec * 1e6, "TFLOPs": flops / sec / 1e12, "spread": spread,
+                     "torch_sdpa_us": sec_t * 1e6, "ratio_vs_sdpa": sec_t / sec})
+    return {"lengths": rows}
+
+
+CHECKS = {"add_norm": check_add_norm, "decode_attn": check_decode_attn, "prefill_attn": check_prefill_attn}
 
 
 def check_gemm(fn, k, gen):
@@ -319,7 +393,13 @@ def main():
         if not chk["ok"]:
             continue
         try:
-            if k["kind"] == "gemm":
+            if k["kind"] == "prefill_attn":
+                r = bench_prefill_attn(fn, k, gen)
+                res.setdefault("prefill_attn", []).append({**k, **r})
+                for row in r["lengths"]:
+                    log(f"prefill attn {k['name']:28s} L={row['L']:5d} {row['us']:9.1f} us {row['TFLOPs']:6.1f} TFLOP/s "
+                        f"| torch SDPA {row['torch_sdpa_us']:8.1f} us")
+            elif k["kind"] == "gemm":
                 if k["set"] == "llama7b":
                     r = bench_gemm(fn, k, gen)
                     res["gemm"].append({**k, **r})

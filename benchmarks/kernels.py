@@ -105,6 +105,21 @@ def cmd_build(args) -> int:
         for label, (hq, hkv, d) in (("llama7b", (32, 32, 128)), ("smollm2", (9, 3, 64))):
             add(lib, f"attn_{lib}_{label}", decode_attention(hkv, hq, d, t), kind="decode_attn", set="fused",
                 label=label, N=hq, K=hkv, G=d, M=1, target=tname)
+        if args.attention_only:
+            # prefill attention: ours (both builds) and TVM's stock kernel (sm_90, the baseline it replaces)
+            from tvm.relax.frontend.nn.llm.kv_cache import _attention_prefill_ragged
+
+            from tvm_kernels.prefill_attention import prefill_attention
+
+            for label, (hq, hkv, d) in (("llama7b", (32, 32, 128)), ("smollm2", (9, 3, 64))):
+                add(lib, f"pattn_{lib}_{label}", prefill_attention(hkv, hq, d, t), kind="prefill_attn", set="attn",
+                    label=label, N=hq, K=hkv, G=d, M=0, target=tname, impl="awq-edge")
+                if lib == "sm90":
+                    with t.tvm_target() as tt:
+                        stock = _attention_prefill_ragged(hkv, hq, d, d, "float16", {}, tt)
+                    add(lib, f"pattn_stock_{label}", stock, kind="prefill_attn", set="attn", label=label,
+                        N=hq, K=hkv, G=d, M=0, target=tname, impl="tvm-stock")
+            continue
         if args.fused_only:
             # and the prefill GEMM as export builds it (cp.async on): odd shapes and one 7B shape, checked
             from tvm_kernels.gemm_w4a16 import gemm_w4a16
@@ -324,6 +339,7 @@ def main() -> int:
     b.add_argument("--out", default=str(CARRY))
     b.add_argument("--sweep", action="store_true", help="also build tiling variants of the Llama-2-7B GEMVs")
     b.add_argument("--fused-only", action="store_true", help="only the add+RMSNorm and decode-attention kernels")
+    b.add_argument("--attention-only", action="store_true", help="only the prefill attention kernels (ours, TVM's)")
     b.set_defaults(func=cmd_build)
     c = sub.add_parser("collect")
     c.add_argument("device_json")

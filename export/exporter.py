@@ -213,13 +213,13 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
     import tvm
     from tvm import relax
 
-    from export.kernels import make_linear_op, make_norm_ops, split_kv_decode
+    from export.kernels import attention_kernels, make_linear_op, make_norm_ops
 
     target = device_target.tvm_target()
     with target:
         linear_op = make_linear_op(kernels, device_target) if cfg.group_size is not None else None
         module, spec = build_module(cfg, linear_op, make_norm_ops(device_target),
-                                    lambda rope_mode: split_kv_decode(device_target, rope_mode))
+                                    lambda rope_mode: attention_kernels(device_target, rope_mode))
         mod, named = module.export_tvm(spec=spec)
         params = [{"name": n, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for n, p in named]
         config = {"relax.backend.use_cuda_graph": bool(cuda_graph and device_target.is_cuda)}

@@ -53,33 +53,43 @@ def make_norm_ops(device_target):
 
 
 @contextmanager
-def split_kv_decode(device_target, rope_mode: int):
-    """While TVM's paged KV cache is being built, hand it tvm_kernels.decode_attention (split-KV) as its
-    decode kernel for full-attention fp16 layers on CUDA.
+def attention_kernels(device_target, rope_mode: int):
+    """While TVM's paged KV cache is being built, hand it our CUDA attention kernels for full-attention
+    fp16 layers: tvm_kernels.decode_attention (split-KV decode) and tvm_kernels.prefill_attention
+    (tensor-core prefill over the new tokens).
 
     The cache has no parameter for this: TIRPagedKVCache looks its kernel builders up by name in
-    tvm.relax.frontend.nn.llm.kv_cache when constructed, so the name is swapped for the duration of
+    tvm.relax.frontend.nn.llm.kv_cache when constructed, so the names are swapped for the duration of
     that call and restored after. Sliding-window layers, other dtypes, inline RoPE and the CPU keep
-    TVM's own kernels."""
+    TVM's own kernels (prefill over cached pages, used when a prompt continues a cached prefix, too)."""
     import tvm.relax.frontend.nn.llm.kv_cache as kvc
 
     from tvm_kernels.decode_attention import applies_to, decode_attention
+    from tvm_kernels.prefill_attention import prefill_attention, supports
 
     if not device_target.is_cuda or not applies_to(rope_mode):
         yield
         return
-    stock = kvc._attention_decode
+    stock_decode, stock_prefill = kvc._attention_decode, kvc._attention_prefill_ragged
 
-    def ours(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, target, page_size=16):
+    def decode(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, target, page_size=16):
         if sliding_window or dtype != "float16":
-            return stock(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, target, page_size)
+            return stock_decode(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, target, page_size)
         return decode_attention(num_kv_heads, num_qo_heads, head_dim, device_target, page_size=page_size, dtype=dtype)
 
-    kvc._attention_decode = ours
+    def prefill(h_kv, h_q, d_qk, d_v, dtype, rope_scaling, target):
+        # same semantics as TVM's ragged kernel (causal attention among the new tokens; the cache adds the
+        # cached prefix, windowed or not, with its paged kernels); MLA (d_qk != d_v) and head_dim > 128
+        # (Gemma3's 256) keep TVM's
+        if d_qk != d_v or dtype != "float16" or not supports(h_q, h_kv, d_qk):
+            return stock_prefill(h_kv, h_q, d_qk, d_v, dtype, rope_scaling, target)
+        return prefill_attention(h_kv, h_q, d_qk, device_target, dtype=dtype)
+
+    kvc._attention_decode, kvc._attention_prefill_ragged = decode, prefill
     try:
         yield
     finally:
-        kvc._attention_decode = stock
+        kvc._attention_decode, kvc._attention_prefill_ragged = stock_decode, stock_prefill
 
 
 def matmul_nt(x, weight, out_dtype: str = "float32"):

@@ -248,7 +248,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
     (see export.kernels); unused for FP16 models. `norm_ops` = (rms_norm, add_rms_norm), the fused
     kernels of export.kernels.make_norm_ops. `decode_attention(rope_mode)`: a context manager around the
-    KV cache's construction that installs our decode kernel (export.kernels.split_kv_decode)."""
+    KV cache's construction that installs our attention kernels (export.kernels.attention_kernels)."""
     import contextlib
 
     import numpy as np

@@ -54,7 +54,7 @@ _INSTALLED = textwrap.dedent(
     from tvm_kernels.cuda_env import prepare_cuda_build
     if sys.argv[1] != "cpu":
         prepare_cuda_build()
-    from export.kernels import make_linear_op, make_norm_ops, split_kv_decode
+    from export.kernels import attention_kernels, make_linear_op, make_norm_ops
     from export.model import build_module, config_from_hf
     from tvm_kernels.targets import get_target
     hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1,
@@ -63,7 +63,7 @@ _INSTALLED = textwrap.dedent(
     dt = get_target(sys.argv[1])
     with dt.tvm_target():
         module, spec = build_module(cfg, make_linear_op("tvm_kernels", dt), make_norm_ops(dt),
-                                    lambda mode: split_kv_decode(dt, mode))
+                                    lambda mode: attention_kernels(dt, mode))
         mod, _ = module.export_tvm(spec=spec)
     print(sorted(gv.name_hint for gv, f in mod.functions.items()
                  if getattr(f, "attrs", None) is not None and "awq_edge.kernel" in f.attrs))
@@ -73,7 +73,8 @@ _INSTALLED = textwrap.dedent(
 
 @pytest.mark.parametrize("target,ours", [("cuda-sm90", True), ("cpu", False)])
 def test_cuda_exports_install_the_kernel(target, ours):
-    # the paged KV cache of a CUDA export decodes with this kernel; the CPU keeps TVM's (a subprocess:
+    # the paged KV cache of a CUDA export decodes with this kernel and prefills with
+    # tvm_kernels.prefill_attention; the CPU keeps TVM's (a subprocess:
     # the CUDA build set-up stays out of the test process)
     pytest.importorskip("tvm")
     if target != "cpu" and shutil.which("nvcc") is None:
@@ -81,7 +82,8 @@ def test_cuda_exports_install_the_kernel(target, ours):
     proc = subprocess.run([sys.executable, "-c", _INSTALLED, target], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(["batch_decode_paged_kv_split"] if ours else [])
+    expected = ["batch_decode_paged_kv_split", "batch_prefill_ragged_kv_tc"] if ours else []
+    assert proc.stdout.strip().splitlines()[-1] == str(expected)
 
 
 _BUILD = textwrap.dedent(

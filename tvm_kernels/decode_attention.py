@@ -110,6 +110,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
         last_page_len = T.match_buffer(length_handle, (B,), "int32", elem_offset=length_off)
 
+        assert rotary_mode == 0, "decode_attention: rotary embedding must be applied before attention (RopeMode NORMAL/NONE)"
         with T.sblock("root"):
             part_o = T.sblock_alloc_buffer((B, H_qo, NS, D), "float32")
             part_lse = T.sblock_alloc_buffer((B, H_qo, NS), "float32")
