@@ -98,10 +98,15 @@ def cmd_cpu(args) -> int:
                                                        * out["weight_bytes_per_token"])
         return out
 
-    art = Path(args.artifact)
+    lm_head = getattr(args, "lm_head", "fp16")
+    art = Path(args.artifact or CACHE / ("art-cpu-smollm2-awq" + ("-lmhead-int8" if lm_head == "int8" else "")))
     if not (art / "manifest.json").is_file():
-        print(f"exporting {args.checkpoint} for cpu -> {art}")
-        print(export_checkpoint(Path(args.checkpoint), "cpu", art, force=True, context_length=4096))
+        print(f"exporting {args.checkpoint} for cpu (lm_head {lm_head}) -> {art}")
+        print(export_checkpoint(Path(args.checkpoint), "cpu", art, force=True, context_length=4096, lm_head=lm_head))
+    have = json.loads((art / "manifest.json").read_text())["model"].get("lm_head", "fp16")
+    if have != lm_head:
+        raise SystemExit(f"--artifact {art}: its lm_head is {have}, --lm-head asks for {lm_head} (pass another --artifact)")
+    label = "awq-edge cpu W4 g64 (runtime)" if lm_head == "fp16" else "awq-edge cpu W4 g64 + INT8 lm_head (runtime)"
     lengths, gen = args.prompt_lengths, args.gen_tokens
     # One thread count for both engines. TVM's own default is half the logical CPUs on x86 (it assumes
     # hyper-threading), which is 1 on this 2-vCPU machine; the thread pool reads TVM_NUM_THREADS when it
@@ -115,14 +120,16 @@ def cmd_cpu(args) -> int:
     gguf = find_gguf()
     ours, theirs = [], []
     eng = Engine(art)
+    eng_model = dict(eng.manifest.model)
     for _ in range(rounds):
-        ours.append(run_bench(eng, lengths, gen, label="awq-edge cpu W4 g64 (runtime)"))
+        ours.append(run_bench(eng, lengths, gen, label=label))
         if gguf is not None:
             theirs.append(llamacpp_bench(gguf, lengths, gen, n_ctx=4096, threads=threads))
             gc.collect()
     del eng
     gc.collect()
     runs = [best_of(ours)]
+    runs[0]["lm_head"] = {k: eng_model.get(k) for k in ("lm_head", "lm_head_group_size")}
     if not args.skip_torch:
         runs.append(hf_bench(SMOL_FP16, lengths, gen, device="cpu", dtype="float32"))
         runs[-1]["label"] = "torch FP32 eager (transformers generate)"
@@ -477,7 +484,11 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cpu")
     c.add_argument("--checkpoint", default=str(CACHE / "smollm2-awq-g64"))
-    c.add_argument("--artifact", default=str(CACHE / "art-cpu-smollm2-awq"))
+    c.add_argument("--artifact", default=None,
+                   help="cpu artifact (exported from --checkpoint if absent); default .cache/h5/art-cpu-smollm2-awq"
+                        "[-lmhead-int8]")
+    c.add_argument("--lm-head", default="fp16", choices=["fp16", "int8"],
+                   help="export the artifact with this lm_head (export --lm-head); an existing one must match")
     c.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512, 2048])
     c.add_argument("--gen-tokens", type=int, default=256)
     c.add_argument("--threads", type=int, default=None)

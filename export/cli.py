@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="W4 linears: our hand-scheduled kernels (default) or TVM's stock dequantize+matmul")
     p.add_argument("--shard-size", type=float, default=None, metavar="GIB",
                    help="weights in safetensors shards of at most this many GiB each (default 1)")
+    p.add_argument("--lm-head", default="fp16", choices=["fp16", "int8"],
+                   help="lm_head weights: fp16 (default, as AutoAWQ) or weight-only int8 with fp16 scales per "
+                        "row and 32 columns (CPU targets; a tied embedding table shares it)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA targets: do not capture decode's static regions as CUDA graphs")
     p.set_defaults(func=_export)
@@ -47,7 +50,8 @@ def _export(args) -> int:
     shard = SHARD_BYTES if args.shard_size is None else max(1, int(args.shard_size * 2**30))
     summary = export_checkpoint(args.checkpoint, args.target, args.out, force=args.force,
                                 context_length=args.context_length, prefill_chunk=args.prefill_chunk,
-                                kernels=args.kernels, cuda_graph=not args.no_cuda_graph, shard_bytes=shard)
+                                kernels=args.kernels, cuda_graph=not args.no_cuda_graph, shard_bytes=shard,
+                                lm_head=args.lm_head)
     mb = summary["artifact_bytes"] / 2**20
     print(f"wrote {summary['out']} ({summary['target']}, {'AWQ' if summary['quantized'] else 'FP16'}): "
           f"{mb:.1f} MiB in {summary['total_s']:.1f} s (compile {summary['compile_s']:.1f} s)")

@@ -100,6 +100,8 @@ class _Params:
             raise UserError(f"{src.tensors.folder}: no {self.fam.weight_prefixes[0]}embed_tokens.weight in the "
                             f"checkpoint (is it a {self.fam.name} model?)")
         self.prefix = found[0]
+        # the INT8 table (export/lm_head.py): the lm_head, or the embedding a tied model shares with it
+        self.int8_table = None if cfg.lm_head != "int8" else "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
 
     def _hf(self, ours: str) -> str:
         # "model.layers.3.self_attn.q_proj" in our tree -> the checkpoint's name
@@ -130,6 +132,14 @@ class _Params:
 
     def get(self, name: str) -> np.ndarray:
         prefix, leaf = name.rsplit(".", 1)
+        if prefix == self.int8_table:
+            if self._cached[0] != prefix:
+                from export.lm_head import quantize_table
+
+                hf = self.fam.lm_head if prefix == "lm_head" else self._hf(f"{prefix}.weight")
+                q, s = quantize_table(self.src.tensors.get(hf), self.cfg.lm_head_group_size)
+                self._cached = (prefix, {"weight": q, "scales": s})
+            return self._cached[1][leaf]
         if prefix.endswith("_proj"):
             if self._cached[0] != prefix:
                 self._cached = (prefix, self._linear(prefix))
@@ -214,12 +224,14 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
     from tvm import relax
 
     from export.kernels import attention_kernels, make_linear_op, make_norm_ops
+    from export.lm_head import make_lm_head_op
 
     target = device_target.tvm_target()
     with target:
         linear_op = make_linear_op(kernels, device_target) if cfg.group_size is not None else None
+        lm_head_ops = make_lm_head_op(device_target) if cfg.lm_head == "int8" else None
         module, spec = build_module(cfg, linear_op, make_norm_ops(device_target),
-                                    lambda rope_mode: attention_kernels(device_target, rope_mode))
+                                    lambda rope_mode: attention_kernels(device_target, rope_mode), lm_head_ops)
         mod, named = module.export_tvm(spec=spec)
         params = [{"name": n, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for n, p in named]
         config = {"relax.backend.use_cuda_graph": bool(cuda_graph and device_target.is_cuda)}
@@ -314,9 +326,11 @@ def _kv_manifest(cfg: ModelConfig) -> dict[str, Any]:
 def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool = False,
                       context_length: int | None = None, prefill_chunk: int | None = None,
                       kernels: str = "tvm_kernels", cuda_graph: bool = True,
-                      shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
+                      shard_bytes: int = SHARD_BYTES, lm_head: str = "fp16") -> dict[str, Any]:
     """Export an AWQ GEMM or FP16 Hugging Face checkpoint folder. Returns a summary (times, sizes).
-    The weights go to one params.safetensors, or to shards of at most `shard_bytes` of data each."""
+    The weights go to one params.safetensors, or to shards of at most `shard_bytes` of data each.
+    `lm_head` "int8": weight-only INT8 lm_head (CPU targets; export/lm_head.py)."""
+    from export.lm_head import check_lm_head
     from runtime.manifest import Manifest
 
     checkpoint = Path(checkpoint)
@@ -332,6 +346,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
     quant = quant_config(hf, checkpoint)
     cfg = config_from_hf(hf, where, group_size=quant.group_size if quant else None,
                          context_length=context_length, prefill_chunk_size=prefill_chunk)
+    cfg.lm_head, cfg.lm_head_group_size = lm_head, check_lm_head(lm_head, target, cfg.hidden_size)
     _check_group(cfg, where)
     tok_files, template = tokenizer_files(checkpoint)
     tensors = SafetensorsFolder(checkpoint)
@@ -355,7 +370,8 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
                        "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids},
             quantization=quant.as_manifest() if quant else None, tvm_version=_tvm_version(),
             cuda_graph=_cuda_graph_manifest(dt, cuda_graph),
-            created_by=_created_by({"kernels": kernels if quant else "fp16 (dlight default schedules)"}),
+            created_by=_created_by({"kernels": kernels if quant else "fp16 (dlight default schedules)",
+                                    "lm_head": lm_head}),
         )
         manifest.write(tmp)
         summary.update(compile_s=round(t2 - t1, 2), weights_s=round(t3 - t2, 2),

@@ -115,6 +115,8 @@ class ModelConfig:
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma3's rope_local_base_freq)
     rope_local_scaling: dict[str, Any] = field(default_factory=dict)
     max_position_embeddings: int = 0  # rows of a learned position table (less its offset)
+    lm_head: str = "fp16"  # "fp16" | "int8" (weight-only, export/lm_head.py; tied: the embedding table too)
+    lm_head_group_size: int | None = None  # int8: one fp16 scale per row and per this many columns
 
     def as_manifest(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,11 +246,12 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
 # The nn.Module. tvm is imported lazily so that `awq-edge --help` stays fast.
 
 def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable],
-                 decode_attention: Callable | None = None):
+                 decode_attention: Callable | None = None, lm_head_ops: tuple[Callable, Callable] | None = None):
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
     (see export.kernels); unused for FP16 models. `norm_ops` = (rms_norm, add_rms_norm), the fused
     kernels of export.kernels.make_norm_ops. `decode_attention(rope_mode)`: a context manager around the
-    KV cache's construction that installs our attention kernels (export.kernels.attention_kernels)."""
+    KV cache's construction that installs our attention kernels (export.kernels.attention_kernels).
+    `lm_head_ops` = (logits, rows) of export.lm_head.make_lm_head_op, for cfg.lm_head "int8"."""
     import contextlib
 
     import numpy as np
@@ -294,6 +297,26 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
         if cfg.group_size is None:
             return Linear(k, n, bias)
         return W4Linear(k, n, cfg.group_size, bias)
+
+    class Int8Table(nn.Module):
+        """INT8 [vocab, hidden] with fp16 scales per row and group: the lm_head (and a tied embedding)."""
+
+        def __init__(self):
+            self.G = cfg.lm_head_group_size
+            self.weight = nn.Parameter((cfg.vocab_size, cfg.hidden_size), "int8")
+            self.scales = nn.Parameter((cfg.vocab_size, cfg.hidden_size // self.G), "float16")
+
+        def forward(self, input_ids):  # the embedding lookup: only the gathered rows are dequantized
+            return lm_head_ops[1](input_ids, self.weight, self.scales, self.G)
+
+        def logits(self, h):
+            *lead, K = h.shape
+            y = lm_head_ops[0](op.reshape(h, (_prod(lead), K)), self.weight, self.scales, self.G)
+            return op.reshape(y, (*lead, cfg.vocab_size))
+
+    int8_head = cfg.lm_head == "int8"
+    if int8_head and lm_head_ops is None:
+        raise UserError("--lm-head int8: the module needs the INT8 lm_head kernels (lm_head_ops)")
 
     fam = FAMILIES[cfg.architecture]
     H, D = cfg.num_attention_heads, cfg.head_dim
@@ -463,7 +486,9 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
 
     class Decoder(nn.Module):
         def __init__(self):
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype="float16")
+            tied_int8 = int8_head and cfg.tie_word_embeddings
+            self.embed_tokens = Int8Table() if tied_int8 else nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                                                           dtype="float16")
             if fam.positions == "learned":
                 self.embed_positions = nn.Embedding(cfg.max_position_embeddings + fam.position_offset,
                                                     cfg.hidden_size, dtype="float16")
@@ -488,10 +513,14 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
     class CausalLM(nn.Module):
         def __init__(self):
             self.model = Decoder()
-            # lm_head stays FP16 (as AWQ keeps it); tied models reuse the embedding table.
-            self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False)
+            # lm_head stays FP16 (as AWQ keeps it) unless cfg.lm_head is "int8"; tied models reuse the
+            # embedding table.
+            head = Int8Table if int8_head else lambda: Linear(cfg.hidden_size, cfg.vocab_size, False)
+            self.lm_head = None if cfg.tie_word_embeddings else head()
 
         def _logits(self, h):
+            if int8_head:
+                return (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(h)
             w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
             # float32 accumulation: logits feed argmax/sampling and perplexity directly.
             return matmul_nt(h, w, "float32")
