@@ -464,6 +464,17 @@ def summarize(res):
             lines.append(f"sweep best {lbl} M={M}: {r['config']} {r['us']:.2f} us {r['GBps']:.0f} GB/s")
     for r in res["gemm"]:
         lines.append(f"gemm {r['label']} M=2048: {r['TFLOPs']:.1f} TFLOP/s vs cuBLAS {r['cublas_TFLOPs']:.1f} ({r['ratio_vs_cublas']:.2f})")
+    stock = {(r["label"], row["L"]): row["us"] for r in res.get("prefill_attn", []) if r.get("impl") == "tvm-stock"
+             for row in r["lengths"]}
+    for r in res.get("prefill_attn", []):
+        if r.get("impl") == "tvm-stock":
+            continue
+        for row in r["lengths"]:
+            base = stock.get((r["label"], row["L"]))
+            vs = f", TVM's ragged kernel {base:.1f} us ({base / row['us']:.1f}x)" if base else ""
+            where = r["target"] + (" build, PTX JIT on this GPU" if r["target"].startswith("jetson") else "")
+            lines.append(f"[{where}] prefill attention {r['label']} L={row['L']}: {row['us']:.1f} us "
+                         f"({row['TFLOPs']:.1f} TFLOP/s){vs}, torch SDPA {row['torch_sdpa_us']:.1f} us")
     res["summary_lines"] = lines
     log("\n".join(lines))
 
