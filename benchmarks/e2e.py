@@ -106,7 +106,15 @@ def cmd_cpu(args) -> int:
     have = json.loads((art / "manifest.json").read_text())["model"].get("lm_head", "fp16")
     if have != lm_head:
         raise SystemExit(f"--artifact {art}: its lm_head is {have}, --lm-head asks for {lm_head} (pass another --artifact)")
-    label = "awq-edge cpu W4 g64 (runtime)" if lm_head == "fp16" else "awq-edge cpu W4 g64 + INT8 lm_head (runtime)"
+
+    def label_of(head: str) -> str:
+        return "awq-edge cpu W4 g64 (runtime)" if head == "fp16" else "awq-edge cpu W4 g64 + INT8 lm_head (runtime)"
+
+    label = label_of(lm_head)
+    # another artifact of ours (e.g. the fp16-lm_head export) measured in the same alternating rounds
+    base_art = Path(args.baseline_artifact) if getattr(args, "baseline_artifact", None) else None
+    if base_art is not None and not (base_art / "manifest.json").is_file():
+        raise SystemExit(f"--baseline-artifact {base_art}: no manifest.json")
     lengths, gen = args.prompt_lengths, args.gen_tokens
     # One thread count for both engines. TVM's own default is half the logical CPUs on x86 (it assumes
     # hyper-threading), which is 1 on this 2-vCPU machine; the thread pool reads TVM_NUM_THREADS when it
@@ -118,18 +126,25 @@ def cmd_cpu(args) -> int:
     # and each reports its best round per metric; every round is kept in the JSON.
     rounds = max(1, getattr(args, "rounds", None) or 3)
     gguf = find_gguf()
-    ours, theirs = [], []
+    ours, theirs, base = [], [], []
     eng = Engine(art)
     eng_model = dict(eng.manifest.model)
+    base_eng = Engine(base_art) if base_art is not None else None
+    base_head = base_eng.manifest.model.get("lm_head", "fp16") if base_eng else None
     for _ in range(rounds):
         ours.append(run_bench(eng, lengths, gen, label=label))
+        if base_eng is not None:
+            base.append(run_bench(base_eng, lengths, gen, label=label_of(base_head) + " [baseline artifact]"))
         if gguf is not None:
             theirs.append(llamacpp_bench(gguf, lengths, gen, n_ctx=4096, threads=threads))
             gc.collect()
-    del eng
+    del eng, base_eng
     gc.collect()
     runs = [best_of(ours)]
     runs[0]["lm_head"] = {k: eng_model.get(k) for k in ("lm_head", "lm_head_group_size")}
+    if base:
+        runs.append(best_of(base))
+        runs[-1]["lm_head"] = {"lm_head": base_head}
     if not args.skip_torch:
         runs.append(hf_bench(SMOL_FP16, lengths, gen, device="cpu", dtype="float32"))
         runs[-1]["label"] = "torch FP32 eager (transformers generate)"
@@ -141,7 +156,8 @@ def cmd_cpu(args) -> int:
 
     report = header({"device": "cpu", "torch_threads": torch.get_num_threads(), "tvm_threads": threads,
                      "note": "2-core CPU shared with other work: absolute figures are noisy. One process, same prompts "
-                             "(random ids, seed 0), greedy, EOS ignored; the runtime and llama.cpp alternate for "
+                             "(random ids, seed 0), greedy, EOS ignored; the runtime (and --baseline-artifact) and "
+                             "llama.cpp alternate for "
                              f"{rounds} rounds and report their best round per metric (all rounds under 'rounds'); "
                              "torch runs once",
                      "runs": runs,
@@ -489,6 +505,8 @@ def main(argv=None) -> int:
                         "[-lmhead-int8]")
     c.add_argument("--lm-head", default="fp16", choices=["fp16", "int8"],
                    help="export the artifact with this lm_head (export --lm-head); an existing one must match")
+    c.add_argument("--baseline-artifact", default=None,
+                   help="another cpu artifact of ours (e.g. the fp16-lm_head export) run in the same rounds")
     c.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512, 2048])
     c.add_argument("--gen-tokens", type=int, default=256)
     c.add_argument("--threads", type=int, default=None)
