@@ -240,6 +240,26 @@ def check_prefill_attn(fn, k, gen):
     return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
 
 
+def bench_decode_attn(fn, k, gen):
+    """One sequence decoding at contexts of 640 and 2300 tokens (prompt + generated), pages out of order."""
+    Hq, Hkv, D, P = k["N"], k["K"], k["G"], 16
+    rows = []
+    for L in (640, 2300):
+        n = -(-L // P)
+        pages = torch.randn((n + 3, 2, Hkv, P, D), device=DEV, generator=gen).half()
+        order = torch.randperm(n + 3, device=DEV, generator=gen)[:n].int().contiguous()
+        q = torch.randn((1, Hq, D), device=DEV, generator=gen).half()
+        out = torch.empty((1, Hq, D), device=DEV, dtype=torch.float16)
+        lse = torch.empty((1, Hq), device=DEV, dtype=torch.float32)
+        i32 = lambda v: torch.tensor(v, device=DEV, dtype=torch.int32)  # noqa: E731
+        args = [ffi(q), ffi(pages), ffi(i32([0, n])), ffi(order), ffi(i32([L - (n - 1) * P])), ffi(i32([0])),
+                ffi(i32([0])), ffi(out), ffi(lse)]
+        sec, spread = time_graph([lambda: fn(*args, 0, 1.0, 1e4, D ** -0.5)], reps_min=50)
+        kv_bytes = 2 * L * Hkv * D * 2
+        rows.append({"L": L, "us": sec * 1e6, "GBps": kv_bytes / sec / 1e9, "spread": spread})
+    return {"lengths": rows}
+
+
 def bench_prefill_attn(fn, k, gen):
     """One causal sequence of L tokens (no cached prefix), L = 512 and 2048; torch SDPA (flash) beside it."""
     Hq, Hkv, D = k["N"], k["K"], k["G"]
@@ -393,7 +413,12 @@ def main():
         if not chk["ok"]:
             continue
         try:
-            if k["kind"] == "prefill_attn":
+            if k["set"] == "dattn":
+                r = bench_decode_attn(fn, k, gen)
+                res.setdefault("decode_attn", []).append({**k, **r})
+                log(f"decode attn {k['name']:20s} {k['config']} " + " ".join(
+                    f"L={row['L']}: {row['us']:6.2f} us {row['GBps']:5.0f} GB/s" for row in r["lengths"]))
+            elif k["kind"] == "prefill_attn":
                 r = bench_prefill_attn(fn, k, gen)
                 res.setdefault("prefill_attn", []).append({**k, **r})
                 for row in r["lengths"]:

@@ -111,9 +111,33 @@ def cmd_build(args) -> int:
 
             from tvm_kernels.prefill_attention import prefill_attention
 
+            from tvm_kernels.decode_attention import config as decode_config
+
             for label, (hq, hkv, d) in (("llama7b", (32, 32, 128)), ("smollm2", (9, 3, 64))):
                 add(lib, f"pattn_{lib}_{label}", prefill_attention(hkv, hq, d, t), kind="prefill_attn", set="attn",
                     label=label, N=hq, K=hkv, G=d, M=0, target=tname, impl="awq-edge")
+                if label == "llama7b":  # head_dim 256 (Gemma3) decode: the 8-wide vector path, checked
+                    add(lib, f"attn_{lib}_d256", decode_attention(1, 4, 256, t), kind="decode_attn", set="attn",
+                        label="d256", N=4, K=1, G=256, M=1, target=tname)
+                if lib != "sm90":
+                    continue
+                # decode attention launch configurations: the current one first, then wider loads / more
+                # token streams / other split counts
+                base = decode_config(hq, hkv, d, t)
+                variants = [{}]
+                threads = base["bdx"] * base["bdy"]
+                for bdz in (max(1, 128 // threads), max(1, 256 // threads), max(1, 512 // threads)):
+                    for splits in (base["splits"] // 2, base["splits"], min(64, base["splits"] * 2)):
+                        v = {"bdz": bdz, "splits": max(1, splits)}
+                        if v != {x: base[x] for x in v} and v not in variants:
+                            variants.append(v)
+                # the heuristic before this sweep (256 threads, ~4 blocks per SM, up to 32 slices)
+                prev = {"bdz": max(1, 256 // threads), "splits": max(1, min(32, -(-4 * t.num_sms // hkv)))}
+                if prev not in variants and prev != {x: base[x] for x in prev}:
+                    variants.append(prev)
+                for j, v in enumerate(variants):
+                    add(lib, f"dattn_{label}_v{j}", decode_attention(hkv, hq, d, t, override=v), kind="decode_attn",
+                        set="dattn", label=label, N=hq, K=hkv, G=d, M=1, target=tname, config={**base, **v})
                 if lib == "sm90":
                     with t.tvm_target() as tt:
                         stock = _attention_prefill_ragged(hkv, hq, d, d, "float16", {}, tt)

@@ -61,25 +61,33 @@ def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTa
     bdy = num_qo_heads // num_kv_heads
     if bdx * bdy > 512:
         raise UserError(f"decode attention: a GQA group of {bdy} heads x {bdx} lanes exceeds 512 threads")
-    bdz = max(1, 256 // (bdx * bdy))
-    # A block's time is a chain of dependent global loads, one per loop step, so the context is cut into
-    # as many slices as keep ~4 blocks per SM at batch 1 (capped: the merge reads every slice).
+    # A block's time is a chain of dependent global loads, one per loop step, so bdz token streams run
+    # side by side, and the context is cut into as many slices as keep ~4 blocks per SM at batch 1
+    # (capped: the merge reads every slice). GQA groups (bdy > 1) get up to 512 threads: each K/V row
+    # feeds bdy heads there. Swept on the H100 (decode_attn_sweep_h100.json, two runs): SmolLM2's 3 KV
+    # heads x 3 queries run 10-30% faster with 10 streams than with 5; for 7B (MHA) 8 streams of 256
+    # threads stay best and 16 streams are erratic.
+    bdz = max(1, (512 if bdy > 1 else 256) // (bdx * bdy))
     splits = max(1, min(32, -(-4 * target.num_sms // num_kv_heads)))
     return {"vec": vec, "bdx": bdx, "bdy": bdy, "bdz": bdz, "splits": splits}
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target: "str | DeviceTarget",
-                     page_size: int = 16, dtype: str = "float16"):
-    """The PrimFunc (CUDA targets, full attention; the CPU and sliding-window layers keep TVM's kernels)."""
+                     page_size: int = 16, dtype: str = "float16", override: dict[str, int] | None = None):
+    """The PrimFunc (CUDA targets, full attention; the CPU and sliding-window layers keep TVM's kernels).
+    `override`: bdz / splits replacing `config`'s (benchmark sweeps only)."""
     from tvm.script import tirx as T
 
     dt = get_target(target)
     if not dt.is_cuda:
         raise UserError(f"decode attention: {dt.name} is not a CUDA target")
-    c = config(num_qo_heads, num_kv_heads, head_dim, dt)
+    c = {**config(num_qo_heads, num_kv_heads, head_dim, dt), **(override or {})}
     VEC, bdx, bdy, bdz, NS, TOK = c["vec"], c["bdx"], c["bdy"], c["bdz"], c["splits"], 2  # TOK: the 2-value reduce below
     H_qo, H_kv, D, G = num_qo_heads, num_kv_heads, head_dim, num_qo_heads // num_kv_heads
     NEG = -5e4  # as TVM's kernels: finite, so exp2(NEG - m) underflows to 0 without inf - inf
+    # vector loops run 4 lanes at a time: CUDA has no 8-lane fp32 type, and TVM's codegen cannot emit an
+    # 8-lane fp16 load into a local array (head_dim 256, e.g. Gemma3, takes VEC = 8)
+    LV = min(VEC, 4)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_split(
@@ -143,9 +151,10 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                         span[1] = T.min(span[0] + per, span[2])
                                         st[0] = T.float32(NEG)
                                         st[1] = T.float32(1)
-                                        for i in T.vectorized(VEC):
-                                            q_loc[i] = T.Cast("float32", Q[bx, head, tx * VEC + i]) * sm_scale * T.float32(LOG2E)
-                                            o_loc[i] = T.float32(0)
+                                        for i0 in T.unroll(VEC // LV):
+                                            for i1 in T.vectorized(LV):
+                                                q_loc[i0 * LV + i1] = T.Cast("float32", Q[bx, head, tx * VEC + i0 * LV + i1]) * sm_scale * T.float32(LOG2E)
+                                                o_loc[i0 * LV + i1] = T.float32(0)
                                         for it in T.serial(T.ceildiv(span[1] - span[0], bdz * TOK)):
                                             # TOK rows per thread: their loads are issued together, then used
                                             for j in T.unroll(TOK):
@@ -154,10 +163,12 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                                 off: T.let[T.int32] = T.min(pos, span[1] - 1)
                                                 page: T.let[T.int32] = values[begin + T.floordiv(off, page_size)]
                                                 slot: T.let[T.int32] = T.floormod(off, page_size)
-                                                for i in T.vectorized(VEC):
-                                                    k_loc[j, i] = pages[page, 0, by, slot, tx * VEC + i]
-                                                for i in T.vectorized(VEC):
-                                                    v_loc[j, i] = pages[page, 1, by, slot, tx * VEC + i]
+                                                for i0 in T.unroll(VEC // LV):
+                                                    for i1 in T.vectorized(LV):
+                                                        k_loc[j, i0 * LV + i1] = pages[page, 0, by, slot, tx * VEC + i0 * LV + i1]
+                                                for i0 in T.unroll(VEC // LV):
+                                                    for i1 in T.vectorized(LV):
+                                                        v_loc[j, i0 * LV + i1] = pages[page, 1, by, slot, tx * VEC + i0 * LV + i1]
                                             for j in T.unroll(TOK):
                                                 dot[j] = T.float32(0)
                                                 for i in T.unroll(VEC):
@@ -185,8 +196,9 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                                 for i in T.unroll(VEC):
                                                     o_loc[i] = o_loc[i] + score[j] * T.Cast("float32", v_loc[j, i])
                                         # merge the bdz token streams of this block
-                                        for i in T.vectorized(VEC):
-                                            o_sh[tz, ty, tx * VEC + i] = o_loc[i]
+                                        for i0 in T.unroll(VEC // LV):
+                                            for i1 in T.vectorized(LV):
+                                                o_sh[tz, ty, tx * VEC + i0 * LV + i1] = o_loc[i0 * LV + i1]
                                         md_sh[tz, ty, 0] = st[0]
                                         md_sh[tz, ty, 1] = st[1]
                                         T.tvm_storage_sync("shared")
@@ -202,8 +214,9 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                             for i in T.unroll(VEC):
                                                 o_loc[i] = o_loc[i] + o_sh[j, ty, tx * VEC + i] * w
                                         if tz == 0:
-                                            for i in T.vectorized(VEC):
-                                                part_o[bx, head, bz, tx * VEC + i] = o_loc[i] / st[1]
+                                            for i0 in T.unroll(VEC // LV):
+                                                for i1 in T.vectorized(LV):
+                                                    part_o[bx, head, bz, tx * VEC + i0 * LV + i1] = o_loc[i0 * LV + i1] / st[1]
                                             part_lse[bx, head, bz] = st[0] + T.log2(st[1])
             for bx in T.thread_binding(B, thread="blockIdx.x"):
                 for h in T.thread_binding(H_qo, thread="blockIdx.y"):
@@ -222,8 +235,9 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                 mx[1] = mx[1] + w
                                 for i in T.unroll(VEC):
                                     acc[i] = acc[i] + w * part_o[bx, h, j, tx * VEC + i]
-                            for i in T.vectorized(VEC):
-                                output[bx, h, tx * VEC + i] = T.Cast(dtype, acc[i] / mx[1])
+                            for i0 in T.unroll(VEC // LV):
+                                for i1 in T.vectorized(LV):
+                                    output[bx, h, tx * VEC + i0 * LV + i1] = T.Cast(dtype, acc[i0 * LV + i1] / mx[1])
                             if tx == 0:
                                 lse[bx, h] = mx[0] + T.log2(mx[1])
 
