@@ -103,6 +103,23 @@ def test_window_matters():
     assert float(np.abs(reference_logits(wide, PROMPT) - ref).max()) > 5 * tol
 
 
+def test_prefill_chunk_fits_the_window():
+    """A prefill chunk attends to itself without the window (TVM's ragged kernel), and a window-sized one
+    leaves its last query no cached token (NaN from TVM's paged kernel): Gemma3 chunks stay below the
+    window by default, and a larger --prefill-chunk is refused in one line."""
+    from export.errors import UserError
+    from export.model import config_from_hf
+    from tiny_models import tiny_config
+
+    hf = tiny_config("gemma3").to_dict()
+    hf["architectures"] = ["Gemma3ForCausalLM"]
+    assert config_from_hf(hf, "config.json", group_size=None, context_length=64).prefill_chunk_size == WINDOW - 1
+    with pytest.raises(UserError, match="sliding window"):
+        config_from_hf(hf, "config.json", group_size=None, context_length=64, prefill_chunk_size=WINDOW)
+    # a window as wide as the context narrows nothing
+    assert config_from_hf(hf, "config.json", group_size=None, context_length=WINDOW).prefill_chunk_size == WINDOW
+
+
 def test_sharded_params_roundtrip(exported):
     """Small shards: names params-0000i-of-0000N, each within the limit (or one tensor alone), every param
     in exactly one, bytes equal to what the exporter produced from the checkpoint; the Engine loads them."""
