@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cuda_build import build_and_check_cubin
 
 from tvm_kernels.decode_attention import applies_to, config, reference
 from tvm_kernels.errors import UserError
@@ -86,34 +87,11 @@ def test_cuda_exports_install_the_kernel(target, ours):
     assert proc.stdout.strip().splitlines()[-1] == str(expected)
 
 
-_BUILD = textwrap.dedent(
-    """
-    import sys
-    from tvm_kernels.cuda_env import prepare_cuda_build
-    prepare_cuda_build()
-    import tvm
-    from tvm_kernels.decode_attention import decode_attention
-    from tvm_kernels.targets import get_target
-    t = get_target(sys.argv[2])
-    # head_dim 256 (Gemma3) takes 8-wide vectors, which TVM's CUDA codegen cannot emit in one piece
-    funcs = {"attn_mha": decode_attention(32, 32, 128, t), "attn_gqa": decode_attention(3, 9, 64, t),
-             "attn_d256": decode_attention(1, 4, 256, t)}
-    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-    with t.tvm_target() as target:
-        lib = tvm.compile(mod, target=target)
-    lib.export_library(sys.argv[1])
-    """
-)
-
-
 @pytest.mark.parametrize("target,arch", [("cuda-sm90", "sm_90"), ("jetson-orin", "sm_87")])
 def test_cuda_build(tmp_path, target, arch):
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not installed: CUDA builds need the CUDA toolkit")
-    from tvm_kernels.cuda_env import check_cubin
-
-    out = tmp_path / "attn.tar"  # a .tar needs no (cross) linker and holds the same device blob
-    proc = subprocess.run([sys.executable, "-c", _BUILD, str(out), target], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check_cubin(out, arch)
+    # head_dim 256 (Gemma3) takes 8-wide vectors, which TVM's CUDA codegen cannot emit in one piece
+    build_and_check_cubin(tmp_path, target, arch, """
+        from tvm_kernels.decode_attention import decode_attention
+        funcs = {"attn_mha": decode_attention(32, 32, 128, t), "attn_gqa": decode_attention(3, 9, 64, t),
+                 "attn_d256": decode_attention(1, 4, 256, t)}
+    """)

@@ -3,20 +3,13 @@ configuration (shared memory, rejected shapes and GPUs) and the CUDA builds for 
 (real cubins). The kernel's numerics run on the GPU machine: `benchmarks/kernels.py build --attention-only`
 + the device script check it against torch float32 (ragged batch, a cached prefix, causal and not), and the
 e2e device check compares whole CUDA exports with torch."""
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
+from cuda_build import build_and_check_cubin
 
 from tvm_kernels.errors import UserError
 from tvm_kernels.prefill_attention import config, reference, supports
 from tvm_kernels.targets import get_target
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -54,32 +47,9 @@ def test_bad_shapes():
             config(8, 8, d, t)
 
 
-_BUILD = textwrap.dedent(
-    """
-    import sys
-    from tvm_kernels.cuda_env import prepare_cuda_build
-    prepare_cuda_build()
-    import tvm
-    from tvm_kernels.prefill_attention import prefill_attention
-    from tvm_kernels.targets import get_target
-    t = get_target(sys.argv[2])
-    funcs = {"pattn_mha": prefill_attention(32, 32, 128, t), "pattn_gqa": prefill_attention(3, 9, 64, t)}
-    mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
-    with t.tvm_target() as target:
-        lib = tvm.compile(mod, target=target)
-    lib.export_library(sys.argv[1])
-    """
-)
-
-
 @pytest.mark.parametrize("target,arch", [("cuda-sm90", "sm_90"), ("jetson-orin", "sm_87")])
 def test_cuda_build(tmp_path, target, arch):
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc not installed: CUDA builds need the CUDA toolkit")
-    from tvm_kernels.cuda_env import check_cubin
-
-    out = tmp_path / "pattn.tar"  # a .tar needs no (cross) linker and holds the same device blob
-    proc = subprocess.run([sys.executable, "-c", _BUILD, str(out), target], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check_cubin(out, arch)
+    build_and_check_cubin(tmp_path, target, arch, """
+        from tvm_kernels.prefill_attention import prefill_attention
+        funcs = {"pattn_mha": prefill_attention(32, 32, 128, t), "pattn_gqa": prefill_attention(3, 9, 64, t)}
+    """)
