@@ -103,7 +103,7 @@ def _cpu_lib(func):
     return tvm.compile(tvm.IRModule({"main": func}), target=get_target("cpu").tvm_target())
 
 
-@pytest.mark.parametrize("L", [1, 16, 17, 130])
+@pytest.mark.parametrize("L", [1, 16, 17, 130, 700])
 def test_cpu_decode_attention_matches_reference(L):
     from export.cpu_schedule import decode_attention_cpu
     from tvm_kernels.decode_attention import reference as decode_attention_reference
