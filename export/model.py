@@ -253,10 +253,10 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
 # The nn.Module. tvm is imported lazily so that `awq-edge --help` stays fast.
 
 def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable],
-                 decode_attention: Callable | None = None, lm_head_ops: tuple[Callable, Callable] | None = None):
+                 attention_kernels: Callable | None = None, lm_head_ops: tuple[Callable, Callable] | None = None):
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
     (see export.kernels); unused for FP16 models. `norm_ops` = (rms_norm, add_rms_norm), the fused
-    kernels of export.kernels.make_norm_ops. `decode_attention(rope_mode)`: a context manager around the
+    kernels of export.kernels.make_norm_ops. `attention_kernels(rope_mode)`: a context manager around the
     KV cache's construction that installs our attention kernels (export.kernels.attention_kernels).
     `lm_head_ops` = (logits, rows) of export.lm_head.make_lm_head_op, for cfg.lm_head "int8"."""
     import contextlib
@@ -559,7 +559,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             # NONE: no RoPE (learned positions) or RoPE already applied by the module.
             mode = RopeMode.NORMAL if fam.positions == "rope" and not fam.rope_in_model else RopeMode.NONE
             window = {"layer_sliding_window_size": cfg.sliding_window} if any(sliding) else {}
-            with decode_attention(mode) if decode_attention else contextlib.nullcontext():
+            with attention_kernels(mode) if attention_kernels else contextlib.nullcontext():
                 return TIRPagedKVCache(
                     attn_kind=["mha_sliding" if s else "mha" for s in sliding] if any(sliding) else "mha",
                     max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
