@@ -162,6 +162,71 @@ def _exp2(x):
     return p * two_n
 
 
+def _attention_macros(group: int, D: int, P: int, dtype: str):
+    """What both CPU attention kernels do per task: the `group` query heads of one KV head in float32
+    (q, output accumulator o), scores of up to P keys at a time in sc, the online softmax in st (running
+    max, running sum, tile max, rescale), each K/V row converted to float32 once for the whole group."""
+    from tvm.script import tirx as T
+
+    VL = 8
+
+    @T.macro
+    def load_query(Q, qi, hk, q, o, st, sm_scale):
+        for g in T.serial(group):
+            for d in T.vectorized(D):
+                # scores in base 2: exp(s) = exp2(s * log2(e))
+                q[g, d] = T.Cast("float32", Q[qi, hk * group + g, d]) * sm_scale * T.float32(LOG2E)
+                o[g, d] = T.float32(0)
+            st[g, 0] = T.float32(-5e4)
+            st[g, 1] = T.float32(0)
+
+    @T.macro
+    def score_row(q, kf, acc, sc, r):  # sc[:, r] = q . k for every head of the group, two FMA chains each
+        for g in T.serial(group):
+            for a in T.serial(2):
+                for v in T.vectorized(VL):
+                    acc[g, a, v] = T.float32(0)
+            for dc in T.unroll(D // VL):
+                for v in T.vectorized(VL):
+                    acc[g, dc % 2, v] = acc[g, dc % 2, v] + q[g, dc * VL + v] * kf[dc * VL + v]
+            sc[g, r] = T.float32(0)
+            for v in T.serial(VL):
+                sc[g, r] = sc[g, r] + acc[g, 0, v] + acc[g, 1, v]
+
+    @T.macro
+    def softmax_tile(sc, st, o, rows):  # fold the tile's first `rows` scores in; sc becomes their weights
+        for g in T.serial(group):
+            st[g, 2] = st[g, 0]
+            for r in T.serial(P):
+                st[g, 2] = T.if_then_else(r < rows, T.max(st[g, 2], sc[g, r]), st[g, 2])
+            for r in T.vectorized(P):
+                # rows past `rows` hold stale scores (or stale cache memory): selected away, never multiplied
+                sc[g, r] = T.if_then_else(r < rows, _exp2(sc[g, r] - st[g, 2]), T.float32(0))
+            st[g, 3] = _exp2(st[g, 0] - st[g, 2])
+            st[g, 0] = st[g, 2]
+            st[g, 1] = st[g, 1] * st[g, 3]
+            for r in T.serial(P):
+                st[g, 1] = st[g, 1] + sc[g, r]
+            for d in T.vectorized(D):
+                o[g, d] = o[g, d] * st[g, 3]
+
+    @T.macro
+    def add_value_row(kf, sc, o, r):  # o += weight of key r x its value row (in kf)
+        for g in T.serial(group):
+            for d in T.vectorized(D):
+                o[g, d] = o[g, d] + sc[g, r] * kf[d]
+
+    @T.macro
+    def store(output, lse, qi, hk, o, st):
+        for g in T.serial(group):
+            for d in T.vectorized(D):
+                output[qi, hk * group + g, d] = T.Cast(
+                    dtype, T.if_then_else(st[g, 1] > T.float32(0), o[g, d] / st[g, 1], T.float32(0)))
+            lse[qi, hk * group + g] = st[g, 0] + T.log2(T.max(st[g, 1], T.float32(1e-30)))
+
+    return load_query, score_row, softmax_tile, add_value_row, store
+
+
 def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: str = "float16"):
     """Decode attention (one query token per sequence) over the paged cache, with the signature of TVM's
     `batch_decode_paged_kv_cpu` (no sliding window). Rotary embedding must already be applied to q and the
@@ -173,6 +238,7 @@ def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: st
     if D % VL:
         raise ValueError(f"decode_attention_cpu: head_dim {D} must be a multiple of {VL}")
     group = H_qo // H_kv
+    load_query, score_row, softmax_tile, add_value_row, store = _attention_macros(group, D, P, dtype)
 
     @T.prim_func(s_tir=True)
     def attn(
@@ -227,13 +293,7 @@ def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: st
                 hk: T.let[T.int32] = bk % H_kv
                 begin: T.let[T.int32] = page_table_indptr[b]
                 npages: T.let[T.int32] = page_table_indptr[b + 1] - begin
-                for g in T.serial(group):
-                    for d in T.vectorized(D):
-                        # scores in base 2: exp(s) = exp2(s * log2(e))
-                        q[g, d] = T.Cast("float32", Q[b, hk * group + g, d]) * sm_scale * T.float32(LOG2E)
-                        o[g, d] = T.float32(0)
-                    st[g, 0] = T.float32(-5e4)
-                    st[g, 1] = T.float32(0)
+                load_query(Q, b, hk, q, o, st, sm_scale)
                 for pi in T.serial(npages):
                     page: T.let[T.int32] = page_table_values[begin + pi]
                     rows: T.let[T.int32] = T.if_then_else(pi == npages - 1, last_page_len[b], P)
@@ -244,44 +304,17 @@ def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: st
                         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                             pages[nxt, kv_, hk, line * 64 // (2 * D), line * 64 // 2 % D]),
                             T.int32(0), T.int32(3), T.int32(1)))
+                    # all P rows are scored (a fixed-length loop); rows past the page's fill are masked
                     for r in T.serial(P):
                         for d in T.vectorized(D):
                             kf[d] = T.Cast("float32", pages[page, 0, hk, r, d])
-                        for g in T.serial(group):
-                            for a in T.serial(2):
-                                for v in T.vectorized(VL):
-                                    acc[g, a, v] = T.float32(0)
-                            for dc in T.unroll(D // VL):
-                                for v in T.vectorized(VL):
-                                    acc[g, dc % 2, v] = acc[g, dc % 2, v] + q[g, dc * VL + v] * kf[dc * VL + v]
-                            sc[g, r] = T.float32(0)
-                            for v in T.serial(VL):
-                                sc[g, r] = sc[g, r] + acc[g, 0, v] + acc[g, 1, v]
-                    for g in T.serial(group):
-                        st[g, 2] = st[g, 0]
-                        for r in T.serial(P):
-                            st[g, 2] = T.if_then_else(r < rows, T.max(st[g, 2], sc[g, r]), st[g, 2])
-                        for r in T.vectorized(P):
-                            # rows past the page's fill hold stale memory: selected away, never multiplied
-                            sc[g, r] = T.if_then_else(r < rows, _exp2(sc[g, r] - st[g, 2]), T.float32(0))
-                        st[g, 3] = _exp2(st[g, 0] - st[g, 2])
-                        st[g, 0] = st[g, 2]
-                        st[g, 1] = st[g, 1] * st[g, 3]
-                        for r in T.serial(P):
-                            st[g, 1] = st[g, 1] + sc[g, r]
-                        for d in T.vectorized(D):
-                            o[g, d] = o[g, d] * st[g, 3]
+                        score_row(q, kf, acc, sc, r)
+                    softmax_tile(sc, st, o, rows)
                     for r in T.serial(rows):
                         for d in T.vectorized(D):
                             kf[d] = T.Cast("float32", pages[page, 1, hk, r, d])
-                        for g in T.serial(group):
-                            for d in T.vectorized(D):
-                                o[g, d] = o[g, d] + sc[g, r] * kf[d]
-                for g in T.serial(group):
-                    for d in T.vectorized(D):
-                        output[b, hk * group + g, d] = T.Cast(
-                            dtype, T.if_then_else(st[g, 1] > T.float32(0), o[g, d] / st[g, 1], T.float32(0)))
-                    lse[b, hk * group + g] = st[g, 0] + T.log2(T.max(st[g, 1], T.float32(1e-30)))
+                        add_value_row(kf, sc, o, r)
+                store(output, lse, b, hk, o, st)
 
     return attn
 
@@ -299,6 +332,7 @@ def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", 
         raise ValueError(f"prefill_attention_cpu: head_dim {D} must be a multiple of {VL}")
     group = H_qo // H_kv
     P = tile
+    load_query, score_row, softmax_tile, add_value_row, store = _attention_macros(group, D, P, dtype)
 
     @T.prim_func(s_tir=True)
     def attn(
@@ -355,51 +389,19 @@ def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", 
                     k0: T.let[T.int32] = kv_indptr[b]
                     # keys this query sees (TVM's _causal_mask: col < kv_len - qo_len + row + 1)
                     limit: T.let[T.int32] = T.if_then_else(causal > 0, T.min(klen, klen - qlen + row + 1), klen)
-                    for g in T.serial(group):
-                        for d in T.vectorized(D):
-                            q[g, d] = T.Cast("float32", Q[qrow, hk * group + g, d]) * sm_scale * T.float32(LOG2E)
-                            o[g, d] = T.float32(0)
-                        st[g, 0] = T.float32(-5e4)
-                        st[g, 1] = T.float32(0)
+                    load_query(Q, qrow, hk, q, o, st, sm_scale)
                     for kt in T.serial((limit + P - 1) // P):
                         rows: T.let[T.int32] = T.min(P, limit - kt * P)
                         for r in T.serial(rows):
                             for d in T.vectorized(D):
                                 kf[d] = T.Cast("float32", K[k0 + kt * P + r, hk, d])
-                            for g in T.serial(group):
-                                for a in T.serial(2):
-                                    for v in T.vectorized(VL):
-                                        acc[g, a, v] = T.float32(0)
-                                for dc in T.unroll(D // VL):
-                                    for v in T.vectorized(VL):
-                                        acc[g, dc % 2, v] = acc[g, dc % 2, v] + q[g, dc * VL + v] * kf[dc * VL + v]
-                                sc[g, r] = T.float32(0)
-                                for v in T.serial(VL):
-                                    sc[g, r] = sc[g, r] + acc[g, 0, v] + acc[g, 1, v]
-                        for g in T.serial(group):
-                            st[g, 2] = st[g, 0]
-                            for r in T.serial(rows):
-                                st[g, 2] = T.max(st[g, 2], sc[g, r])
-                            for r in T.vectorized(P):
-                                sc[g, r] = T.if_then_else(r < rows, _exp2(sc[g, r] - st[g, 2]), T.float32(0))
-                            st[g, 3] = _exp2(st[g, 0] - st[g, 2])
-                            st[g, 0] = st[g, 2]
-                            st[g, 1] = st[g, 1] * st[g, 3]
-                            for r in T.serial(P):
-                                st[g, 1] = st[g, 1] + sc[g, r]
-                            for d in T.vectorized(D):
-                                o[g, d] = o[g, d] * st[g, 3]
+                            score_row(q, kf, acc, sc, r)
+                        softmax_tile(sc, st, o, rows)
                         for r in T.serial(rows):
                             for d in T.vectorized(D):
                                 kf[d] = T.Cast("float32", V[k0 + kt * P + r, hk, d])
-                            for g in T.serial(group):
-                                for d in T.vectorized(D):
-                                    o[g, d] = o[g, d] + sc[g, r] * kf[d]
-                    for g in T.serial(group):
-                        for d in T.vectorized(D):
-                            output[qrow, hk * group + g, d] = T.Cast(
-                                dtype, T.if_then_else(st[g, 1] > T.float32(0), o[g, d] / st[g, 1], T.float32(0)))
-                        lse[qrow, hk * group + g] = st[g, 0] + T.log2(T.max(st[g, 1], T.float32(1e-30)))
+                            add_value_row(kf, sc, o, r)
+                    store(output, lse, qrow, hk, o, st)
 
     return attn
 
