@@ -168,7 +168,7 @@ def cmd_build(args) -> int:
                 add("sm90sweep", f"gemv_sweep_{label}_m{Ms}_c{j}", gemv_w4a16(N, K, 128, sm90, M=Ms, config=cfg),
                     kind="gemv", set="sweep", label=label, N=N, K=K, G=128, M=Ms, target="cuda-sm90",
                     config=dataclasses.asdict(cfg))
-    gemm = None if args.fused_only else _try_gemm()
+    gemm = None if args.fused_only or args.attention_only else _try_gemm()
     if gemm is not None:
         for label, N, K in LLAMA7B:
             add("gemm90", f"gemm_sm90_llama7b_{label}", gemm(N, K, 128, sm90), kind="gemm", set="llama7b",
