@@ -224,8 +224,9 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
     # The paged KV cache attends the tokens of one prefill chunk to each other with plain causal
     # attention, windowed or not (TVM's ragged kernel has no window), so a chunk must fit in the window;
     # and the last query of a window-sized chunk would see no cached token at all, which TVM's paged
-    # sliding-window kernel turns into NaN (tiny Gemma3, window 16: chunk 40 misses transformers by 0.83,
-    # chunk 16 gives NaN, chunks of 15 and less match).
+    # sliding-window kernel turns into NaN (tiny Gemma3, window 16, tried by hand: a 40-token chunk misses
+    # transformers far beyond the test tolerance, a 16-token one gives NaN; tests/test_export_families.py
+    # checks that 15, the default, matches).
     limit = int(window) - 1 if types and "sliding_attention" in types and int(window) < ctx else ctx
     chunk = int(prefill_chunk_size or min(limit, 2048))
     if chunk < 1 or chunk > limit:

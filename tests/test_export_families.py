@@ -120,6 +120,18 @@ def test_prefill_chunk_fits_the_window():
     assert config_from_hf(hf, "config.json", group_size=None, context_length=WINDOW).prefill_chunk_size == WINDOW
 
 
+def test_default_chunk_matches_transformers(tmp_path):
+    """The default chunk (window - 1, the largest allowed) over the 40-token prompt still matches."""
+    from export.exporter import export_checkpoint
+    from runtime.manifest import Manifest
+
+    model = make_checkpoint("gemma3", tmp_path / "ckpt", False)
+    export_checkpoint(tmp_path / "ckpt", "cpu", tmp_path / "art", context_length=64)
+    assert Manifest.load(tmp_path / "art").model["prefill_chunk_size"] == WINDOW - 1
+    assert_matches_transformers(model, tmp_path / "art", PROMPT, DECODE_STEPS, tmp_path,
+                                f"gemma3 ({len(PROMPT)} tokens, default chunks of {WINDOW - 1})")
+
+
 def test_sharded_params_roundtrip(exported):
     """Small shards: names params-0000i-of-0000N, each within the limit (or one tensor alone), every param
     in exactly one, bytes equal to what the exporter produced from the checkpoint; the Engine loads them."""
