@@ -268,7 +268,7 @@ def _cli(*args, env=None):
 
 
 @pytest.mark.cuda_build
-@pytest.mark.parametrize("target,arch,machine", [("cuda-sm90", "sm_90", 0x3E), ("jetson-orin", "sm_87", 0xB7)])
+@pytest.mark.parametrize("target,arch,machine", [("cuda-sm90", "sm_90a", 0x3E), ("jetson-orin", "sm_87", 0xB7)])
 def test_cuda_exports_hold_cubins(tmp_path, target, arch, machine):
     import shutil
 

@@ -24,8 +24,8 @@ Why this shape of kernel (CUDA, sm_80+: Orin sm_87, sm_86/89/90/120):
   the default once every caller (export) builds that way.
 - Where the time goes (H100, benchmarks/results/gemm_sweep_h100_cpasync*.json): this pipeline with plain
   fp16 weights reaches only 0.35-0.44x of cuBLAS (which uses wgmma); the INT4 copy + dequantize adds
-  10-20% on top. Reaching 0.6x needs a different main loop (fewer barriers, warp-specialized or wgmma),
-  not a better dequantize.
+  10-20% on top. Reaching 0.6x needs a different main loop, not a better dequantize: on Hopper built as
+  sm_90a, gemm_w4a16() returns the wgmma kernel of gemm_w4a16_sm90.py instead (1.5-2.2x this one).
 
 CPU (llvm): the same computation, the weight panel for a block of rows dequantized once into fp32
 (reused by every row of x), output columns parallel over cores, the inner loop vectorized along N.
@@ -327,7 +327,7 @@ class CudaConfig:
 # Shared memory a block may opt into (cudaFuncSetAttribute), by architecture. TVM requests the dynamic
 # size for us at launch; the static 48 KB default in targets.py is not the limit for dynamic shared memory.
 _OPT_IN_SHARED = {"sm_80": 163 * 1024, "sm_87": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024,
-                  "sm_90": 227 * 1024, "sm_120": 99 * 1024}
+                  "sm_90": 227 * 1024, "sm_90a": 227 * 1024, "sm_120": 99 * 1024}
 _STATIC_SHARED = 48 * 1024
 
 # Pass-context options the CUDA kernel wants at build time: without `tirx.use_async_copy` TVM lowers the
@@ -601,7 +601,8 @@ def _schedule_cpu(func, cfg: CpuConfig):
 def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | CpuConfig | None = None):
     """A scheduled TIR PrimFunc with symbolic M: (x f16 [M, K], weight u32 [N, K/8], scales f16 [N, K/G],
     zeros f16 [N, K/G], y f16 [M, N]) for `target` (a name from tvm_kernels.targets or a DeviceTarget).
-    `config` overrides the tiling (benchmarks sweep it)."""
+    `config` overrides the tiling (benchmarks sweep it). Hopper built as sm_90a gets the wgmma kernel of
+    gemm_w4a16_sm90.py instead (unless a `config` asks for this one)."""
     N, K, group_size = int(N), int(K), int(group_size)
     _check_shape(N, K, group_size)
     t = get_target(target)
@@ -610,6 +611,10 @@ def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | Cpu
         if sm < 80:
             raise UserError(f"gemm_w4a16: target {t.name} ({t.arch}) lacks sm_80 tensor cores")
         _check_tvm_ffi()
+        from tvm_kernels import gemm_w4a16_sm90 as sm90
+
+        if config is None and sm90.supports(N, K, group_size, t.arch):
+            return sm90.gemm_w4a16_sm90(N, K, group_size, large_from=sm90.large_threshold(N, t.num_sms))
         cfg = config or cuda_config(N, K, t)
         if not valid_config(cfg):
             raise UserError(f"gemm_w4a16: CUDA config {cfg} is not buildable (see _staging_fits)")

@@ -61,7 +61,7 @@ def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTa
         raise UserError(f"prefill attention: {num_qo_heads} query heads are not a multiple of {num_kv_heads} kv heads")
     if not supports(num_qo_heads, num_kv_heads, head_dim):
         raise UserError(f"prefill attention: head_dim {head_dim} is not supported (multiples of 16 up to 128)")
-    if target.arch and int(target.arch.split("_")[1]) < 80:
+    if target.arch and int(target.arch.split("_")[1].rstrip("a")) < 80:
         raise UserError(f"prefill attention: {target.name} ({target.arch}) has no fp16 tensor cores of sm_80 and newer")
     warps = 4
     bm = 16 * warps

@@ -81,7 +81,9 @@ TARGETS: dict[str, DeviceTarget] = {
               tag="nvidia/jetson-orin-nano", host="aarch64-linux-gnu", cc=_AARCH64_CC, dram=102.0),
         _cuda("cuda-sm86", "sm_86", 82, "Ampere desktop (RTX 3090: 82 SMs, 936 GB/s)", dram=936.0),
         _cuda("cuda-sm89", "sm_89", 128, "Ada desktop (RTX 4090: 128 SMs, 1008 GB/s)", dram=1008.0),
-        _cuda("cuda-sm90", "sm_90", 132, "Hopper (H100 SXM: 132 SMs, 3350 GB/s HBM3)", dram=3350.0),
+        # sm_90a, not sm_90: the prefill GEMM uses wgmma, which only the arch-specific target has (every sm_90
+        # GPU runs sm_90a cubins; nothing else ran sm_90 ones either)
+        _cuda("cuda-sm90", "sm_90a", 132, "Hopper (H100 SXM: 132 SMs, 3350 GB/s HBM3)", dram=3350.0),
         _cuda("cuda-sm120", "sm_120", 170, "Blackwell desktop (RTX 5090: 170 SMs, 1792 GB/s)", dram=1792.0),
         DeviceTarget(
             name="cpu", kind="llvm",

@@ -1,0 +1,352 @@
+"""Prefill GEMM y[M, N] = x[M, K] @ dequant(W)^T for Hopper (sm_90a: H100 / H200) on wgmma, INT4 weights
+in the kernel layout (tvm_kernels/layout.py), FP16 activations and output, FP32 accumulation.
+
+Why a second GEMM for one architecture: the portable kernel (gemm_w4a16.py) issues mma.sync, which on
+Hopper stays at 0.25-0.4x of cuBLAS, and even with plain fp16 weights at 0.35-0.44x: cuBLAS runs the
+asynchronous warpgroup MMA (wgmma) that only sm_90a has. This kernel is that main loop:
+- The problem is computed transposed, y^T = W x^T, so the dequantized weights are wgmma's A operand taken
+  from *registers*: each thread unpacks exactly the nibbles its A fragment holds (byte t of a packed word
+  holds k = 2t, 2t+1 of an 8-wide slice: one byte_perm, one lop3 and two half2 ops per two weights, the
+  fp16 1024 + q trick of the portable kernel), and no dequantized tile goes through shared memory.
+- The activations are wgmma's B operand in shared memory, in the 128-byte swizzled K-major layout, filled
+  by a cp.async pipeline (`stages` deep) together with the packed weight tile. wgmma is asynchronous: the
+  dequantize of step k + 1 runs while the tensor cores work on step k (one group in flight).
+- A block is `warpgroups` x 64 weight rows by `tokens` (128 or 256) tokens. M is symbolic: the PrimFunc
+  launches one of two tilings chosen on the host by M (SMALL / LARGE below); padding tokens are
+  zero-filled by the predicated copies and never stored; the output goes out through shared memory in
+  16-byte runs.
+- H100 (benchmarks/results/gemm_sm90_h100.json): one Llama-2-7B layer's four GEMMs at M = 2048 run at
+  0.60x cuBLAS FP16 (1.76x the portable kernel); without the dequantize the same loop reaches 0.71x.
+The PTX (wgmma, cp.async, proxy fences) sits in small inline-asm helpers that the TIR calls through
+T.cuda.func_call; the loop nest, tiling, pipeline and addressing are TIR. Only sm_90a runs it: every
+other target, the Orin included, keeps the portable kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tvm_kernels.errors import UserError
+from tvm_kernels.layout import GROUP_SIZES, dequantize_kernel_layout
+
+BK = 64  # k per pipeline stage (four k16 wgmma steps)
+MAX_SMEM = 227 * 1024  # H100 / H200 shared memory per block (opt-in)
+
+
+def reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
+    """numpy float32 y = x @ dequant(W)^T (the kernel rounds each dequantized weight and the result to fp16)."""
+    W = dequantize_kernel_layout(weight, scales, zeros, group_size)
+    return np.asarray(x, dtype=np.float32) @ W.T
+
+
+def supports(N: int, K: int, group_size: int, arch: str | None) -> bool:
+    """wgmma needs sm_90a (H100 / H200 / GH200 built with the `a` suffix); the tiling needs these shapes."""
+    return arch == "sm_90a" and K % BK == 0 and K % group_size == 0 and group_size in GROUP_SIZES and N % 16 == 0
+
+
+def _wgmma_asm(n: int) -> str:
+    regs = ", ".join(f"%{i}" for i in range(n // 2))
+    a = ", ".join(f"%{n // 2 + i}" for i in range(4))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
+    return (
+        f"__device__ __forceinline__ void awq_wgmma_m64n{n}k16(float* d, const unsigned* a, unsigned long long desc) {{\n"
+        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{n // 2 + 5}, 0;\\n"\n'
+        f'    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{regs}}}, {{{a}}}, %{n // 2 + 4}, p, 1, 1, 0;\\n}}\\n"\n'
+        f'    : {outs}\n'
+        f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));\n'
+        "}\n"
+    )
+
+
+_HELPERS = r"""
+__device__ __forceinline__ void awq_cp_async16(const half* smem, int off, const void* gmem, int valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(static_cast<unsigned>(__cvta_generic_to_shared(smem)) + off), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void awq_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void awq_cp_async_wait(int n) {
+  if (n <= 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  else if (n == 1) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else if (n == 2) asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+  else asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+}
+// cp.async writes through the generic proxy, wgmma reads through the async proxy
+__device__ __forceinline__ void awq_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void awq_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void awq_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void awq_wgmma_wait(int n) {
+  if (n <= 0) asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  else asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
+// keeps the compiler from reading or reusing accumulator registers across an asynchronous wgmma
+__device__ __forceinline__ void awq_acc_fence(float* d, int n) {
+  #pragma unroll
+  for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+__device__ __forceinline__ unsigned long long awq_desc(const half* smem, int off, int lbo, int sbo, int swizzle128) {
+  return (static_cast<unsigned long long>(((static_cast<unsigned>(__cvta_generic_to_shared(smem)) + off) & 0x3FFFF) >> 4))
+       | (static_cast<unsigned long long>(lbo >> 4) << 16)
+       | (static_cast<unsigned long long>(sbo >> 4) << 32)
+       | (static_cast<unsigned long long>(swizzle128 ? 1 : 0) << 62);
+}
+// byte t of w holds two weights q0 (low nibble), q1: -> half2((q0 - z) * s, (q1 - z) * s)
+__device__ __forceinline__ unsigned awq_deq2(unsigned w, unsigned sel, unsigned zf, unsigned s2) {
+  unsigned u = __byte_perm(w, 0u, sel);          // byte t at bytes 0 and 2
+  unsigned h = (u & 0x00F0000Fu) | 0x64006400u;  // half2(1024 + q0, 1024 + 16 q1)
+  const unsigned one_sixteenth = 0x2C003C00u;    // half2(1, 1/16)
+  unsigned v;
+  // (1024 + q0) - (1024 + z) and (1024 + 16 q1) / 16 - (64 + z): exact small integers, then one rounding
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(v) : "r"(h), "r"(one_sixteenth), "r"(zf));
+  asm("mul.rn.f16x2 %0, %0, %1;\n" : "+r"(v) : "r"(s2));
+  return v;
+}
+// scale / zero of weight row n for the two 32-wide halves of a stage -> sz[4 * half + 2 * row + {0: s2, 1: zf}]
+__device__ __forceinline__ void awq_load_sz(unsigned* sz, const half* scales, const half* zeros, int n0, int N,
+                                            int groups, int ko, int gsize) {
+  #pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    int g = (ko * 64 + hh * 32) / gsize;
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int n = n0 + 8 * r;
+      half s = __float2half(0.f), z = __float2half(0.f);
+      if (n < N) { s = scales[(long long)n * groups + g]; z = zeros[(long long)n * groups + g]; }
+      half2 s2 = __halves2half2(s, s);
+      half2 zf = __halves2half2(__hneg(__hadd(z, __float2half(1024.f))), __hneg(__hadd(z, __float2half(64.f))));
+      sz[4 * hh + 2 * r] = *reinterpret_cast<unsigned*>(&s2);
+      sz[4 * hh + 2 * r + 1] = *reinterpret_cast<unsigned*>(&zf);
+    }
+  }
+}
+// this thread's A fragments for the four k16 steps of a stage: rows r0 and r0 + 8 of the packed tile
+__device__ __forceinline__ void awq_dequant_stage(unsigned* a, const half* smem, int off, int r0, int t, const unsigned* sz) {
+  const unsigned* wtile = reinterpret_cast<const unsigned*>(reinterpret_cast<const char*>(smem) + off);
+  const unsigned sel = 0x4040u | t | (t << 8);
+  uint4 p0 = reinterpret_cast<const uint4*>(wtile + r0 * 8)[0];
+  uint4 p1 = reinterpret_cast<const uint4*>(wtile + r0 * 8)[1];
+  uint4 q0 = reinterpret_cast<const uint4*>(wtile + (r0 + 8) * 8)[0];
+  uint4 q1 = reinterpret_cast<const uint4*>(wtile + (r0 + 8) * 8)[1];
+  unsigned w0[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+  unsigned w1[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+  #pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const unsigned* h = sz + 4 * (s / 2);
+    a[4 * s + 0] = awq_deq2(w0[2 * s], sel, h[1], h[0]);
+    a[4 * s + 1] = awq_deq2(w1[2 * s], sel, h[3], h[2]);
+    a[4 * s + 2] = awq_deq2(w0[2 * s + 1], sel, h[1], h[0]);
+    a[4 * s + 3] = awq_deq2(w1[2 * s + 1], sel, h[3], h[2]);
+  }
+}
+// timing aid only (config dequant=False): the packed words as fragments, no dequantize
+__device__ __forceinline__ void awq_raw_stage(unsigned* a, const half* smem, int off, int r0, int t, const unsigned* sz) {
+  const uint4* w = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(smem) + off);
+  uint4 p0 = w[r0 * 2], p1 = w[r0 * 2 + 1], q0 = w[r0 * 2 + 16], q1 = w[r0 * 2 + 17];
+  unsigned v[16] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w, q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+  #pragma unroll
+  for (int i = 0; i < 16; ++i) a[i] = v[i] & 0x3BFF3BFFu;
+}
+""" + _wgmma_asm(128) + _wgmma_asm(256)
+
+
+def _split_helpers(src: str) -> dict:
+    """name -> source of that helper alone: TVM emits a func_call's source once per function name."""
+    out, chunk, depth = {}, [], 0
+    for line in src.strip().splitlines(keepends=True):
+        chunk.append(line)
+        depth += line.count("{") - line.count("}")
+        if depth == 0 and "__device__" in line + "".join(chunk) and "}" in line:
+            text = "".join(chunk)
+            out[text[text.index("__device__"):].split("(")[0].split()[-1]] = text
+            chunk = []
+    # the one helper that calls another carries it along
+    out["awq_dequant_stage"] = out.pop("awq_deq2") + out["awq_dequant_stage"]
+    return out
+
+
+_SOURCES = _split_helpers(_HELPERS)
+
+
+@dataclass(frozen=True)
+class Sm90Config:
+    warpgroups: int = 2  # 64 weight rows each: the block's weight tile is 64 * warpgroups rows
+    tokens: int = 128  # wgmma n: tokens per block (128 or 256)
+    stages: int = 4
+    dequant: bool = True  # False: a timing aid that feeds the packed words as fragments (wrong results)
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups
+
+    @property
+    def rows(self) -> int:
+        return 64 * self.warpgroups
+
+    def stage_bytes(self) -> int:
+        return self.tokens * BK * 2 + self.rows * BK // 2
+
+    def smem_bytes(self) -> int:
+        # the output tile is staged through the same memory after the main loop
+        return max(self.stages * self.stage_bytes(), self.tokens * (self.rows + 8) * 2)
+
+
+# Measured (H100, benchmarks/results/gemm_sm90_h100.json, each tiling alone on the 7B layer): 128 x 128 tiles
+# with 4 stages (two blocks per SM) win while the grid is small (M = 512: 0.48x cuBLAS vs 0.41x); 128 rows x
+# 256 tokens (one block per SM, 128 accumulators a thread) move fewer activation bytes per FLOP and win once
+# their grid fills the GPU (M = 1024: 0.58x vs 0.56x). Before that they lose, as on SmolLM2's narrow layers.
+SMALL = Sm90Config(2, 128, 4)
+LARGE = Sm90Config(2, 256, 5)
+
+
+def large_threshold(N: int, num_sms: int) -> int:
+    """Fewest tokens at which the LARGE tiles fill every SM once."""
+    col_tiles = -(-N // LARGE.rows)
+    return LARGE.tokens * -(-max(num_sms, 1) // col_tiles)
+
+
+def _check(N: int, K: int, group_size: int, cfg: Sm90Config) -> None:
+    if group_size not in GROUP_SIZES or K % group_size or K % BK or N % 16:
+        raise UserError(f"gemm_w4a16_sm90: needs K % {BK} == 0, N % 16 == 0 and a group size in {GROUP_SIZES} "
+                        f"(N={N}, K={K}, group {group_size})")
+    if cfg.tokens not in (128, 256) or not 3 <= cfg.stages <= 6 or cfg.smem_bytes() > MAX_SMEM or cfg.warpgroups not in (1, 2, 3, 4):
+        raise UserError(f"gemm_w4a16_sm90: config {cfg} does not fit (tokens 128/256, 3-6 stages, <= 4 warpgroups, "
+                        f"{MAX_SMEM} B of shared memory)")
+
+
+def _kernel(N: int, K: int, G: int, cfg: Sm90Config):
+    """A T.macro launching the kernel for one configuration (the PrimFunc picks one per call by M)."""
+    from tvm.script import tirx as T
+
+    _check(N, K, G, cfg)
+    KW, NG, KT = K // 8, K // G, K // BK
+    TH, BN, BM, S = cfg.threads, cfg.rows, cfg.tokens, cfg.stages
+    XS, SB = BM * BK * 2, cfg.stage_bytes()
+    XC = (BM * 8 + TH - 1) // TH  # 16-byte activation chunks per thread per stage
+    NB = (N + BN - 1) // BN
+    ACC = BM // 2
+    OS = BN + 8  # row stride (halves) of the output tile staged in shared memory
+    frag = "awq_dequant_stage" if cfg.dequant else "awq_raw_stage"
+    wgmma = f"awq_wgmma_m64n{BM}k16"
+
+    def call(name, *args, return_type="void"):
+        return T.cuda.func_call(name, *args, source_code=_SOURCES[name], return_type=return_type)
+
+    # The activation tile: `BM` rows (tokens) of BK = 64 halves = 128 bytes, in wgmma's 128-byte swizzle: the
+    # 16-byte chunk c of row m sits at chunk c ^ (m % 8), so the 8 threads that copy one row's 128 contiguous
+    # bytes also write 8 different bank groups (the plain core-matrix layout made the copies read half lines:
+    # 0.37-0.44x cuBLAS instead of 0.47-0.55x in the sweep). The k16 slice s of every row starts 32 bytes on.
+    def x_off(m, c):
+        return m * 128 + T.bitwise_xor(c, m % 8) * 16
+
+    @T.macro
+    def copy_stage(sm, x, w, M, kk, bx, m_base, tx):
+        # stage kk -> slot kk % S: the activation tile, then the packed weights (row tx // 2, half tx % 2).
+        # Shared memory goes to the helpers as base + byte offset: TVM's sync planner would otherwise put a
+        # block barrier between every copy and fragment read; the kernel places the two barriers it needs.
+        for c in T.unroll(XC):
+            q: T.let[T.int32] = c * TH + tx
+            if q < BM * 8:
+                call("awq_cp_async16", sm.data, kk % S * SB + x_off(q // 8, q % 8),
+                     x.access_ptr("r", offset=T.min(m_base + q // 8, M - 1) * K + kk * BK + q % 8 * 8),
+                     T.Cast("int32", m_base + q // 8 < M))
+        call("awq_cp_async16", sm.data, kk % S * SB + XS + tx // 2 * 32 + tx % 2 * 16,
+             w.access_ptr("r", offset=T.min(bx * BN + tx // 2, N - 1) * KW + kk * 8 + tx % 2 * 4),
+             T.Cast("int32", bx * BN + tx // 2 < N))
+
+    @T.macro
+    def mma_step(sm, acc, f, sz, slot, r0, lane):
+        call(frag, f.data, sm.data, slot * SB + XS, r0, lane % 4, sz.data)
+        call("awq_wgmma_fence")
+        for s in T.unroll(4):
+            call(wgmma, acc.data, f.access_ptr("r", offset=4 * s),
+                 call("awq_desc", sm.data, slot * SB + s * 32, 16, 1024, 1, return_type="uint64"))
+
+    @T.macro
+    def launch(x, w, sc, ze, y, M):
+        for bx in T.thread_binding(NB, thread="blockIdx.x"):
+            for by in T.thread_binding((M + BM - 1) // BM, thread="blockIdx.y"):
+                for tx in T.thread_binding(TH, thread="threadIdx.x"):
+                    with T.sblock("gemm"):
+                        T.reads()
+                        T.writes()
+                        sm = T.sblock_alloc_buffer((cfg.smem_bytes() // 2,), "float16", scope="shared.dyn")
+                        acc = T.sblock_alloc_buffer((ACC,), "float32", scope="local")
+                        fa = T.sblock_alloc_buffer((16,), "uint32", scope="local")
+                        fb = T.sblock_alloc_buffer((16,), "uint32", scope="local")
+                        sz = T.sblock_alloc_buffer((8,), "uint32", scope="local")
+                        szn = T.sblock_alloc_buffer((8,), "uint32", scope="local")
+                        lane: T.let[T.int32] = tx % 32
+                        r0: T.let[T.int32] = tx // 32 * 16 + lane // 4  # this thread's weight rows r0, r0 + 8
+                        n0: T.let[T.int32] = bx * BN + r0
+                        m_base: T.let[T.int64] = T.Cast("int64", by) * BM
+                        for i in T.unroll(ACC):
+                            acc[i] = T.float32(0)
+                        call("awq_load_sz", szn.data, sc.data, ze.data, n0, N, NG, 0, G)
+                        for kk in T.serial(S - 2):
+                            copy_stage(sm, x, w, M, kk, bx, m_base, tx)
+                            call("awq_cp_async_commit")
+                        for ko in T.serial(KT):
+                            for i in T.unroll(8):
+                                sz[i] = szn[i]
+                            if ko + 1 < KT:  # the next step's scales are in flight during this one
+                                call("awq_load_sz", szn.data, sc.data, ze.data, n0, N, NG, ko + 1, G)
+                            call("awq_cp_async_wait", S - 3)
+                            call("awq_fence_proxy_async")
+                            T.tvm_storage_sync("shared")
+                            # every warpgroup has retired its wgmma of step ko - 2: that slot takes step ko + S - 2
+                            if ko + S - 2 < KT:
+                                copy_stage(sm, x, w, M, ko + S - 2, bx, m_base, tx)
+                            call("awq_cp_async_commit")
+                            # two fragment sets: this step's dequantize never writes what wgmma ko - 1 still reads
+                            if ko % 2 == 0:
+                                mma_step(sm, acc, fa, sz, ko % S, r0, lane)
+                            else:
+                                mma_step(sm, acc, fb, sz, ko % S, r0, lane)
+                            call("awq_wgmma_commit")
+                            call("awq_wgmma_wait", 1)
+                        call("awq_wgmma_wait", 0)
+                        call("awq_acc_fence", acc.data, ACC)
+                        # epilogue through shared memory (free now), so y is written in 16-byte runs along N.
+                        # acc[4j + i]: weight row r0 + 8 (i // 2), token 8j + 2 (lane % 4) + i % 2
+                        T.tvm_storage_sync("shared")
+                        for j in T.unroll(BM // 8):
+                            for i in T.unroll(4):
+                                sm[(j * 8 + lane % 4 * 2 + i % 2) * OS + r0 + i // 2 * 8] = T.Cast("float16", acc[j * 4 + i])
+                        T.tvm_storage_sync("shared")
+                        for c in T.unroll(BM * BN // 8 // TH):
+                            q: T.let[T.int32] = c * TH + tx
+                            tl: T.let[T.int32] = q // (BN // 8)
+                            nc: T.let[T.int32] = q % (BN // 8) * 8
+                            if m_base + tl < M and bx * BN + nc < N:
+                                for v in T.vectorized(8):
+                                    y[m_base + tl, bx * BN + nc + v] = sm[tl * OS + nc + v]
+
+    return launch
+
+
+def gemm_w4a16_sm90(N: int, K: int, group_size: int, small: Sm90Config = SMALL, large: Sm90Config | None = LARGE,
+                    large_from: int = 1024):
+    """The PrimFunc (sm_90a only): x [M, K] fp16, weight uint32 [N, K/8], scales / zeros fp16 [N, K/G] -> y [M, N].
+    M is symbolic; calls with M >= `large_from` launch the `large` configuration (None: always `small`)."""
+    from tvm.script import tirx as T
+
+    G, KW, NG = group_size, K // 8, K // group_size
+    run_small = _kernel(N, K, G, small)
+    run_large = _kernel(N, K, G, large) if large is not None else run_small
+    threshold = large_from if large is not None else 1 << 62
+
+    @T.prim_func(s_tir=True)
+    def gemm(x_h: T.handle, w_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "awq_edge.kernel": "gemm_w4a16_sm90"})
+        M = T.int64()
+        x = T.match_buffer(x_h, (M, K), "float16")
+        w = T.match_buffer(w_h, (N, KW), "uint32")
+        sc = T.match_buffer(s_h, (N, NG), "float16")
+        ze = T.match_buffer(z_h, (N, NG), "float16")
+        y = T.match_buffer(y_h, (M, N), "float16")
+        if M >= threshold:  # host-side: picks which kernel to launch
+            run_large(x, w, sc, ze, y, M)
+        else:
+            run_small(x, w, sc, ze, y, M)
+
+    return gemm.with_attr("global_symbol", f"gemm_w4a16_sm90_n{N}_k{K}_g{G}")
