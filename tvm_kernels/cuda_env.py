@@ -40,6 +40,8 @@ _FALLBACK_DRIVER_SYMBOLS = (
     "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload", "cuTensorMapEncodeTiled",
 )
 FATBIN_MAGIC = bytes.fromhex("50ed55ba")
+# TVM arch numbers built as their arch-specific variant (sm_90 -> sm_90a); DeviceTarget.arch names the variant
+ARCH_SPECIFIC = {"90"}
 _state: dict = {}
 
 
@@ -137,13 +139,16 @@ def set_embed_ptx(flag: bool) -> None:
     from tvm.support import nvcc
 
     def _compile(code):
-        arch = None
+        target = tvm.target.Target.current(allow_none=True)
+        sm = str(getattr(target, "arch", "")).removeprefix("sm_")
+        if not sm:
+            raise UserError("CUDA builds need a target with an explicit arch (sm_XX)")
+        # Hopper compiles arch-specific (sm_90a: wgmma) while TVM's Target keeps the plain name its schedule
+        # rules parse (dlight reads "sm_90a" as no tensor cores at all). Every sm_90 GPU runs sm_90a cubins.
+        code_sm = sm + "a" if sm in ARCH_SPECIFIC else sm
+        arch = ["-gencode", f"arch=compute_{code_sm},code=sm_{code_sm}"]
         if _state.get("embed_ptx"):
-            target = tvm.target.Target.current(allow_none=True)
-            sm = str(getattr(target, "arch", "")).removeprefix("sm_")
-            if not sm:
-                raise UserError("CUDA build with embed_ptx needs a target with an explicit arch (sm_XX)")
-            arch = ["-gencode", f"arch=compute_{sm},code=sm_{sm}", "-gencode", f"arch=compute_{sm},code=compute_{sm}"]
+            arch += ["-gencode", f"arch=compute_{code_sm},code=compute_{code_sm}"]
         return nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile, override=True)

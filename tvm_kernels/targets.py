@@ -58,7 +58,7 @@ class DeviceTarget:
 def _cuda(name, arch, num_sms, desc, *, smem=48 * 1024, dram=0.0, tag=None, host="x86_64-linux-gnu", cc=None, threads=1024):
     target = tag or {
         "kind": "cuda",
-        "arch": arch,
+        "arch": arch.removesuffix("a"),  # TVM's view; cuda_env compiles the `a` variant (ARCH_SPECIFIC)
         "max_threads_per_block": threads,
         "max_shared_memory_per_block": smem,
         "thread_warp_size": 32,
@@ -82,7 +82,7 @@ TARGETS: dict[str, DeviceTarget] = {
         _cuda("cuda-sm86", "sm_86", 82, "Ampere desktop (RTX 3090: 82 SMs, 936 GB/s)", dram=936.0),
         _cuda("cuda-sm89", "sm_89", 128, "Ada desktop (RTX 4090: 128 SMs, 1008 GB/s)", dram=1008.0),
         # sm_90a, not sm_90: the prefill GEMM uses wgmma, which only the arch-specific target has (every sm_90
-        # GPU runs sm_90a cubins; nothing else ran sm_90 ones either)
+        # GPU runs sm_90a cubins; nothing else ran sm_90 ones either). TVM's Target says sm_90, see cuda_env
         _cuda("cuda-sm90", "sm_90a", 132, "Hopper (H100 SXM: 132 SMs, 3350 GB/s HBM3)", dram=3350.0),
         _cuda("cuda-sm120", "sm_120", 170, "Blackwell desktop (RTX 5090: 170 SMs, 1792 GB/s)", dram=1792.0),
         DeviceTarget(
