@@ -83,7 +83,8 @@ def cmd_build(args) -> int:
 
 def cmd_collect(args) -> int:
     data = json.loads(Path(args.device_json).read_text())
-    data["collected"] = {"command": " ".join([sys.executable] + sys.argv), "commit_at_collect": git_commit()}
+    data["collected"] = {"command": " ".join([sys.executable] + sys.argv), "commit_at_collect": git_commit(),
+                         "notes": args.note}
     out = RESULTS / args.name
     out.write_text(json.dumps(data, indent=1))
     print(f"wrote {out}")
@@ -100,6 +101,7 @@ def main() -> int:
     c = sub.add_parser("collect")
     c.add_argument("device_json")
     c.add_argument("--name", default="gemm_sm90_h100.json")
+    c.add_argument("--note", action="append", default=[])
     args = ap.parse_args()
     return {"build": cmd_build, "collect": cmd_collect}[args.cmd](args)
 

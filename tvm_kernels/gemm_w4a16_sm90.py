@@ -31,6 +31,7 @@ from tvm_kernels.errors import UserError
 from tvm_kernels.layout import GROUP_SIZES, dequantize_kernel_layout
 
 BK = 64  # k per pipeline stage (four k16 wgmma steps)
+W_ROW = 48  # bytes between packed weight rows in shared memory (32 used; the padding spreads the banks)
 MAX_SMEM = 227 * 1024  # H100 / H200 shared memory per block (opt-in)
 
 
@@ -106,6 +107,10 @@ __device__ __forceinline__ void awq_load_sz(unsigned* sz, const half* scales, co
                                             int groups, int ko, int gsize) {
   #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
+    if (hh == 1 && gsize >= 64) {  // one group covers the whole stage
+      sz[4] = sz[0]; sz[5] = sz[1]; sz[6] = sz[2]; sz[7] = sz[3];
+      break;
+    }
     int g = (ko * 64 + hh * 32) / gsize;
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -123,10 +128,11 @@ __device__ __forceinline__ void awq_load_sz(unsigned* sz, const half* scales, co
 __device__ __forceinline__ void awq_dequant_stage(unsigned* a, const half* smem, int off, int r0, int t, const unsigned* sz) {
   const unsigned* wtile = reinterpret_cast<const unsigned*>(reinterpret_cast<const char*>(smem) + off);
   const unsigned sel = 0x4040u | t | (t << 8);
-  uint4 p0 = reinterpret_cast<const uint4*>(wtile + r0 * 8)[0];
-  uint4 p1 = reinterpret_cast<const uint4*>(wtile + r0 * 8)[1];
-  uint4 q0 = reinterpret_cast<const uint4*>(wtile + (r0 + 8) * 8)[0];
-  uint4 q1 = reinterpret_cast<const uint4*>(wtile + (r0 + 8) * 8)[1];
+  // rows are W_ROW = 48 bytes apart (32 used): the 8 rows a warp reads hit 8 different bank groups
+  uint4 p0 = reinterpret_cast<const uint4*>(wtile + r0 * 12)[0];
+  uint4 p1 = reinterpret_cast<const uint4*>(wtile + r0 * 12)[1];
+  uint4 q0 = reinterpret_cast<const uint4*>(wtile + (r0 + 8) * 12)[0];
+  uint4 q1 = reinterpret_cast<const uint4*>(wtile + (r0 + 8) * 12)[1];
   unsigned w0[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
   unsigned w1[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
   #pragma unroll
@@ -141,7 +147,7 @@ __device__ __forceinline__ void awq_dequant_stage(unsigned* a, const half* smem,
 // timing aid only (config dequant=False): the packed words as fragments, no dequantize
 __device__ __forceinline__ void awq_raw_stage(unsigned* a, const half* smem, int off, int r0, int t, const unsigned* sz) {
   const uint4* w = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(smem) + off);
-  uint4 p0 = w[r0 * 2], p1 = w[r0 * 2 + 1], q0 = w[r0 * 2 + 16], q1 = w[r0 * 2 + 17];
+  uint4 p0 = w[r0 * 3], p1 = w[r0 * 3 + 1], q0 = w[r0 * 3 + 24], q1 = w[r0 * 3 + 25];
   unsigned v[16] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w, q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
   #pragma unroll
   for (int i = 0; i < 16; ++i) a[i] = v[i] & 0x3BFF3BFFu;
@@ -183,7 +189,7 @@ class Sm90Config:
         return 64 * self.warpgroups
 
     def stage_bytes(self) -> int:
-        return self.tokens * BK * 2 + self.rows * BK // 2
+        return self.tokens * BK * 2 + self.rows * W_ROW
 
     def smem_bytes(self) -> int:
         # the output tile is staged through the same memory after the main loop
@@ -220,7 +226,9 @@ def _kernel(N: int, K: int, G: int, cfg: Sm90Config):
     _check(N, K, G, cfg)
     KW, NG, KT = K // 8, K // G, K // BK
     TH, BN, BM, S = cfg.threads, cfg.rows, cfg.tokens, cfg.stages
-    XS, SB = BM * BK * 2, cfg.stage_bytes()
+    # all activation tiles first (each 1024-byte aligned, as the 128B swizzle requires), then the weight tiles
+    XS, WS = BM * BK * 2, BN * W_ROW
+    WB = S * XS
     XC = (BM * 8 + TH - 1) // TH  # 16-byte activation chunks per thread per stage
     NB = (N + BN - 1) // BN
     ACC = BM // 2
@@ -246,20 +254,20 @@ def _kernel(N: int, K: int, G: int, cfg: Sm90Config):
         for c in T.unroll(XC):
             q: T.let[T.int32] = c * TH + tx
             if q < BM * 8:
-                call("awq_cp_async16", sm.data, kk % S * SB + x_off(q // 8, q % 8),
+                call("awq_cp_async16", sm.data, kk % S * XS + x_off(q // 8, q % 8),
                      x.access_ptr("r", offset=T.min(m_base + q // 8, M - 1) * K + kk * BK + q % 8 * 8),
                      T.Cast("int32", m_base + q // 8 < M))
-        call("awq_cp_async16", sm.data, kk % S * SB + XS + tx // 2 * 32 + tx % 2 * 16,
+        call("awq_cp_async16", sm.data, WB + kk % S * WS + tx // 2 * W_ROW + tx % 2 * 16,
              w.access_ptr("r", offset=T.min(bx * BN + tx // 2, N - 1) * KW + kk * 8 + tx % 2 * 4),
              T.Cast("int32", bx * BN + tx // 2 < N))
 
     @T.macro
     def mma_step(sm, acc, f, sz, slot, r0, lane):
-        call(frag, f.data, sm.data, slot * SB + XS, r0, lane % 4, sz.data)
+        call(frag, f.data, sm.data, WB + slot * WS, r0, lane % 4, sz.data)
         call("awq_wgmma_fence")
-        for s in T.unroll(4):
-            call(wgmma, acc.data, f.access_ptr("r", offset=4 * s),
-                 call("awq_desc", sm.data, slot * SB + s * 32, 16, 1024, 1, return_type="uint64"))
+        desc: T.let[T.uint64] = call("awq_desc", sm.data, slot * XS, 16, 1024, 1, return_type="uint64")
+        for s in T.unroll(4):  # slice s starts 32 bytes on: +2 in the descriptor's 16-byte address field
+            call(wgmma, acc.data, f.access_ptr("r", offset=4 * s), desc + T.uint64(2 * s))
 
     @T.macro
     def launch(x, w, sc, ze, y, M):
@@ -288,7 +296,8 @@ def _kernel(N: int, K: int, G: int, cfg: Sm90Config):
                         for ko in T.serial(KT):
                             for i in T.unroll(8):
                                 sz[i] = szn[i]
-                            if ko + 1 < KT:  # the next step's scales are in flight during this one
+                            # the next step's scales (when its group starts) are in flight during this one
+                            if ko + 1 < KT and (G < BK or (ko + 1) * BK % G == 0):
                                 call("awq_load_sz", szn.data, sc.data, ze.data, n0, N, NG, ko + 1, G)
                             call("awq_cp_async_wait", S - 3)
                             call("awq_fence_proxy_async")
