@@ -16,7 +16,7 @@ asynchronous warpgroup MMA (wgmma) that only sm_90a has. This kernel is that mai
   zero-filled by the predicated copies and never stored; the output goes out through shared memory in
   16-byte runs.
 - H100 (benchmarks/results/gemm_sm90_h100.json): one Llama-2-7B layer's four GEMMs at M = 2048 run at
-  0.60x cuBLAS FP16 (1.76x the portable kernel); without the dequantize the same loop reaches 0.71x.
+  0.63x cuBLAS FP16 (1.8x the portable kernel); without the dequantize the same loop reaches 0.71x.
 The PTX (wgmma, cp.async, proxy fences) sits in small inline-asm helpers that the TIR calls through
 T.cuda.func_call; the loop nest, tiling, pipeline and addressing are TIR. Only sm_90a runs it: every
 other target, the Orin included, keeps the portable kernel.
@@ -197,9 +197,9 @@ class Sm90Config:
 
 
 # Measured (H100, benchmarks/results/gemm_sm90_h100.json, each tiling alone on the 7B layer): 128 x 128 tiles
-# with 4 stages (two blocks per SM) win while the grid is small (M = 512: 0.48x cuBLAS vs 0.41x); 128 rows x
+# with 4 stages (two blocks per SM) win while the grid is small (M = 512: 0.53x cuBLAS vs 0.44x); 128 rows x
 # 256 tokens (one block per SM, 128 accumulators a thread) move fewer activation bytes per FLOP and win once
-# their grid fills the GPU (M = 1024: 0.58x vs 0.56x). Before that they lose, as on SmolLM2's narrow layers.
+# their grid fills the GPU (M = 2048: 0.63x vs 0.61x). Before that they lose, as on SmolLM2's narrow layers.
 SMALL = Sm90Config(2, 128, 4)
 LARGE = Sm90Config(2, 256, 5)
 
