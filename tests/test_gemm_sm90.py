@@ -93,9 +93,9 @@ def test_supports_and_dispatch():
     assert not supports(4096, 4096, 128, "sm_90")  # plain sm_90 has no wgmma
     assert not supports(4096, 4096, 128, "sm_87")
     assert not supports(100, 576, 64, "sm_90a") and not supports(4096, 4000, 32, "sm_90a")
-    # the large tiles start where their grid fills the GPU once
-    assert large_threshold(22016, 132) == 256 and large_threshold(4096, 132) == 1280
-    assert large_threshold(960, 132) > 2048
+    # the large tiles start where there are about two of them per SM
+    assert large_threshold(22016, 132) == 512 and large_threshold(12288, 132) == 768
+    assert large_threshold(4096, 132) == 2048 and large_threshold(960, 132) > 2048
     for cfg in (SMALL, LARGE):
         assert cfg.smem_bytes() <= 227 * 1024 and cfg.tokens * (cfg.rows + 8) * 2 <= cfg.smem_bytes()
 

@@ -196,18 +196,20 @@ class Sm90Config:
         return max(self.stages * self.stage_bytes(), self.tokens * (self.rows + 8) * 2)
 
 
-# Measured (H100, benchmarks/results/gemm_sm90_h100.json, each tiling alone on the 7B layer): 128 x 128 tiles
-# with 4 stages (two blocks per SM) win while the grid is small (M = 512: 0.53x cuBLAS vs 0.44x); 128 rows x
-# 256 tokens (one block per SM, 128 accumulators a thread) move fewer activation bytes per FLOP and win once
-# their grid fills the GPU (M = 2048: 0.63x vs 0.61x). Before that they lose, as on SmolLM2's narrow layers.
+# Measured (H100, benchmarks/results/gemm_sm90_h100.json, each tiling alone on the 7B shapes): 128 x 128 tiles
+# with 4 stages (two blocks per SM, one's prologue and epilogue under the other's main loop) win while the
+# grid is small (qkv at M = 512: 130 us vs 152); 128 rows x 256 tokens (one block per SM, 128 accumulators a
+# thread) move fewer activation bytes per FLOP and win once every SM gets about two of them (gate_up at
+# M = 512: 234 vs 244, o at 2048: 152 vs 162; o at 1024, one per SM: 75 vs 72).
 SMALL = Sm90Config(2, 128, 4)
 LARGE = Sm90Config(2, 256, 5)
 
 
 def large_threshold(N: int, num_sms: int) -> int:
-    """Fewest tokens at which the LARGE tiles fill every SM once."""
+    """Fewest tokens at which the LARGE tiles number about two per SM (1.9: o / down at M = 2048 have 256
+    tiles on 132 SMs and already win)."""
     col_tiles = -(-N // LARGE.rows)
-    return LARGE.tokens * -(-max(num_sms, 1) // col_tiles)
+    return LARGE.tokens * -(-(19 * max(num_sms, 1)) // (10 * col_tiles))
 
 
 def _check(N: int, K: int, group_size: int, cfg: Sm90Config) -> None:
