@@ -5,7 +5,6 @@ usage: PYTHONPATH=/tmp/tvmrt:.gpu/tvmrt python3 _device_gemm_sm90.py CARRY_DIR O
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -13,53 +12,10 @@ from pathlib import Path
 
 import torch
 
-import tvmrt
+# the kernel-layout tensors, their dequantization and CUDA-graph timing are shared with the kernel benchmark
+from _device_kernels import DEV, dequant, ffi, rand_kernel_tensors, time_graph, tvm_ffi
 
-tvm_ffi = tvmrt.load(cuda=True)
-DEV = "cuda"
 TOL = 2e-3  # relative L2 error: fp32 accumulation, fp16 output (~2e-4 expected)
-
-
-def ffi(t):
-    return tvm_ffi.from_dlpack(t)
-
-
-def tensors(N, K, G, gen):
-    w = torch.randint(-(2**31), 2**31 - 1, (N, K // 8), dtype=torch.int32, device=DEV, generator=gen)
-    s = (torch.rand((N, K // G), device=DEV, generator=gen) * 0.02 + 0.001).half()
-    z = torch.randint(0, 16, (N, K // G), device=DEV, generator=gen).half()
-    return w, s, z
-
-
-def dequant(w, s, z, G):
-    N = w.shape[0]
-    sh = torch.arange(0, 32, 4, device=DEV, dtype=torch.int32)
-    q = ((w.unsqueeze(-1) >> sh) & 15).reshape(N, -1).float()
-    return (q - z.float().repeat_interleave(G, 1)) * s.float().repeat_interleave(G, 1)
-
-
-def time_graph(f, reps=30, replays=10):
-    """Median seconds per call, `reps` calls captured in one CUDA graph (no launch overhead in the figure)."""
-    f()
-    torch.cuda.synchronize()
-    g, st = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(st):
-        f()
-    st.synchronize()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(g, stream=st)):
-        for _ in range(reps):
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3 / reps)
-    return statistics.median(ts)
 
 
 def main():
@@ -79,7 +35,7 @@ def main():
     for k in plan["kernels"]:
         N, K, G, label = k["N"], k["K"], k["G"], k["label"]
         if label not in data:
-            w, s, z = tensors(N, K, G, gen)
+            w, s, z = rand_kernel_tensors(N, K, G, gen)
             data[label] = (w, s, z, dequant(w, s, z, G).half())
         w, s, z, Wh = data[label]
         fn = lib[k["name"]]
@@ -102,10 +58,10 @@ def main():
             x = torch.randn((M, K), device=DEV, generator=gen).half()
             y = torch.empty((M, N), device=DEV, dtype=torch.float16)
             a = [ffi(x), ffi(w.view(torch.uint32)), ffi(s), ffi(z), ffi(y)]
-            sec = time_graph(lambda: fn(*a))
+            sec, _ = time_graph([lambda: fn(*a)], reps_min=30)
             if (label, M) not in base:
                 o = torch.empty((M, N), device=DEV, dtype=torch.float16)
-                base[(label, M)] = time_graph(lambda: torch.matmul(x, Wh.T, out=o))
+                base[(label, M)] = time_graph([lambda: torch.matmul(x, Wh.T, out=o)], reps_min=30)[0]
             cb = base[(label, M)]
             fl = 2 * M * N * K
             r = {**k, "M": M, "us": sec * 1e6, "TFLOPs": fl / sec / 1e12, "cublas_us": cb * 1e6,
