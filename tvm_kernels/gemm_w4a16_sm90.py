@@ -16,7 +16,8 @@ asynchronous warpgroup MMA (wgmma) that only sm_90a has. This kernel is that mai
   zero-filled by the predicated copies and never stored; the output goes out through shared memory in
   16-byte runs.
 - H100 (benchmarks/results/gemm_sm90_h100.json): one Llama-2-7B layer's four GEMMs at M = 2048 run at
-  0.63x cuBLAS FP16 (1.8x the portable kernel); without the dequantize the same loop reaches 0.71x.
+  0.60-0.64x cuBLAS FP16 over four runs (1.8x the portable kernel); without the dequantize the same loop
+  reaches ~0.71x.
 The PTX (wgmma, cp.async, proxy fences) sits in small inline-asm helpers that the TIR calls through
 T.cuda.func_call; the loop nest, tiling, pipeline and addressing are TIR. Only sm_90a runs it: every
 other target, the Orin included, keeps the portable kernel.
@@ -198,9 +199,10 @@ class Sm90Config:
 
 # Measured (H100, benchmarks/results/gemm_sm90_h100.json, each tiling alone on the 7B shapes): 128 x 128 tiles
 # with 4 stages (two blocks per SM, one's prologue and epilogue under the other's main loop) win while the
-# grid is small (qkv at M = 512: 130 us vs 152); 128 rows x 256 tokens (one block per SM, 128 accumulators a
-# thread) move fewer activation bytes per FLOP and win once every SM gets about two of them (gate_up at
-# M = 512: 234 vs 244, o at 2048: 152 vs 162; o at 1024, one per SM: 75 vs 72).
+# grid is small (qkv at M = 512: 129 us vs 154, o and down: 49 / 138 vs 74 / 216); 128 rows x 256 tokens
+# (one block per SM, 128 accumulators a thread) move fewer activation bytes per FLOP and win once every SM
+# gets about two of them (M = 2048: gate_up 891 vs 940, o 151 vs 158). In between (one per SM) the two are
+# within run-to-run noise (~5-10% for one kernel).
 SMALL = Sm90Config(2, 128, 4)
 LARGE = Sm90Config(2, 256, 5)
 
