@@ -54,7 +54,7 @@ def main():
                 print(f"check {k['name']:22s} M={M:5d} {'OK ' if good else 'BAD'} {err:.2e}", flush=True)
         if not ok:
             continue
-        for M in (512, 1024, 2048):
+        for M in (128, 256, 512, 1024, 2048):
             x = torch.randn((M, K), device=DEV, generator=gen).half()
             y = torch.empty((M, N), device=DEV, dtype=torch.float16)
             a = [ffi(x), ffi(w.view(torch.uint32)), ffi(s), ffi(z), ffi(y)]

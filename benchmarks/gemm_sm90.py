@@ -43,9 +43,10 @@ def cmd_build(args) -> int:
 
     t = get_target("cuda-sm90")
     raw = {"small": sm90.SMALL, "large": sm90.LARGE}
+    alone = {**raw, "tiny": sm90.TINY}
     plan = {"commit": git_commit(), "built": datetime.datetime.utcnow().isoformat() + "Z",
             "command": " ".join([sys.executable] + sys.argv), "arch": t.arch, "kernels": [],
-            "configs": {k: vars(v) for k, v in raw.items()}}
+            "configs": {k: vars(v) for k, v in {**raw, "tiny": sm90.TINY}.items()}}
     funcs = {}
 
     def add(name, f, label, N, K, G, kind, check=True):
@@ -56,14 +57,18 @@ def cmd_build(args) -> int:
         add(f"{label}_dispatch", gemm_w4a16(N, K, G, t), label, N, K, G, "dispatch")
         add(f"{label}_portable", gemm_w4a16(N, K, G, t, config=cuda_config(N, K, t)), label, N, K, G, "portable")
         if (label, N, K, G) in LLAMA7B:
-            for name, cfg in raw.items():
-                add(f"{label}_{name}", sm90.gemm_w4a16_sm90(N, K, G, small=cfg, large=None), label, N, K, G, name)
+            for name, cfg in alone.items():
+                add(f"{label}_{name}", sm90.gemm_w4a16_sm90(N, K, G, [(0, cfg)]), label, N, K, G, name)
+                if name not in raw:
+                    continue
                 nodeq = sm90.Sm90Config(cfg.warpgroups, cfg.tokens, cfg.stages, dequant=False)
-                add(f"{label}_{name}raw", sm90.gemm_w4a16_sm90(N, K, G, small=nodeq, large=None), label, N, K, G,
+                add(f"{label}_{name}raw", sm90.gemm_w4a16_sm90(N, K, G, [(0, nodeq)]), label, N, K, G,
                     f"{name}raw", check=False)
+        else:  # SmolLM2's narrow layers: the export's pick against the 128 x 128 tiles alone
+            add(f"{label}_small", sm90.gemm_w4a16_sm90(N, K, G, [(0, sm90.SMALL)]), label, N, K, G, "small")
     for k in plan["kernels"]:
         if k["kind"] == "dispatch":
-            k["large_from"] = sm90.large_threshold(k["N"], t.num_sms)
+            k["tilings"] = [[m, vars(c)] for m, c in sm90.default_tilings(k["N"], t.num_sms)]
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvm_kernels.gemm_w4a16_sm90 import BK, LARGE, SMALL, Sm90Config, large_threshold, reference, supports
+from tvm_kernels.gemm_w4a16_sm90 import (BK, LARGE, SMALL, TINY, Sm90Config, default_tilings, large_threshold,
+                                         reference, small_threshold, supports)
 from tvm_kernels.layout import dequantize_kernel_layout, random_quantized
 from tvm_kernels.targets import get_target
 
@@ -93,10 +94,14 @@ def test_supports_and_dispatch():
     assert not supports(4096, 4096, 128, "sm_90")  # plain sm_90 has no wgmma
     assert not supports(4096, 4096, 128, "sm_87")
     assert not supports(100, 576, 64, "sm_90a") and not supports(4096, 4000, 32, "sm_90a")
-    # the large tiles start where there are about two of them per SM
+    # the large tiles start where there are about two of them per SM, the tiny ones serve grids of 128 x 128
+    # tiles that would occupy at most half the SMs
     assert large_threshold(22016, 132) == 512 and large_threshold(12288, 132) == 768
     assert large_threshold(4096, 132) == 2048 and large_threshold(960, 132) > 2048
-    for cfg in (SMALL, LARGE):
+    assert small_threshold(4096, 132) == 257 and small_threshold(12288, 132) == 1
+    assert default_tilings(4096, 132) == [(0, TINY), (257, SMALL), (2048, LARGE)]
+    assert default_tilings(12288, 132) == [(0, SMALL), (768, LARGE)]
+    for cfg in (TINY, SMALL, LARGE):
         assert cfg.smem_bytes() <= 227 * 1024 and cfg.tokens * (cfg.rows + 8) * 2 <= cfg.smem_bytes()
 
 
@@ -117,7 +122,9 @@ def test_bad_config_raises_user_error():
     with pytest.raises(UserError, match="K % 64"):
         gemm_w4a16_sm90(128, 96, 32)
     with pytest.raises(UserError, match="does not fit"):
-        gemm_w4a16_sm90(128, 128, 32, small=Sm90Config(4, 256, 8))
+        gemm_w4a16_sm90(128, 128, 32, [(0, Sm90Config(4, 256, 8))])
+    with pytest.raises(UserError, match="start at 0 tokens and ascend"):
+        gemm_w4a16_sm90(128, 128, 32, [(0, SMALL), (0, LARGE)])
 
 
 _BUILD = textwrap.dedent(
@@ -135,10 +142,12 @@ _BUILD = textwrap.dedent(
     with tvm.transform.PassContext(config=BUILD_CONFIG), t.tvm_target() as target:
         lib = tvm.compile(mod, target=target)
     src = lib.mod.imports[0].inspect_source()
-    # each PrimFunc launches one of two kernels (the tile configurations) chosen on the host by M
+    # each PrimFunc launches one of three kernels (the tilings) chosen on the host by M
     for k in funcs:
-        assert src.count(f'extern "C" __global__ void __launch_bounds__(256) {k}_kernel(') == 2, k
-        assert src.count(f'extern "C" __global__ void __launch_bounds__(256) {k}_kernel_1(') == 2, k
+        for i in ("", "_1", "_2"):
+            assert src.count(f" {k}_kernel{i}(") == 2, (k, i)  # declaration and definition
+        assert f" {k}_kernel_3(" not in src, k
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16" in src
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16" in src
     assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16" in src
     assert "cp.async.cg.shared.global" in src and "fence.proxy.async.shared::cta" in src

@@ -614,7 +614,7 @@ def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | Cpu
         from tvm_kernels import gemm_w4a16_sm90 as sm90
 
         if config is None and sm90.supports(N, K, group_size, t.arch):
-            return sm90.gemm_w4a16_sm90(N, K, group_size, large_from=sm90.large_threshold(N, t.num_sms))
+            return sm90.gemm_w4a16_sm90(N, K, group_size, sm90.default_tilings(N, t.num_sms))
         cfg = config or cuda_config(N, K, t)
         if not valid_config(cfg):
             raise UserError(f"gemm_w4a16: CUDA config {cfg} is not buildable (see _staging_fits)")

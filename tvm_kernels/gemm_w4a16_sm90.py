@@ -153,7 +153,7 @@ __device__ __forceinline__ void awq_raw_stage(unsigned* a, const half* smem, int
   #pragma unroll
   for (int i = 0; i < 16; ++i) a[i] = v[i] & 0x3BFF3BFFu;
 }
-""" + _wgmma_asm(128) + _wgmma_asm(256)
+""" + _wgmma_asm(64) + _wgmma_asm(128) + _wgmma_asm(256)
 
 
 def _split_helpers(src: str) -> dict:
@@ -177,7 +177,7 @@ _SOURCES = _split_helpers(_HELPERS)
 @dataclass(frozen=True)
 class Sm90Config:
     warpgroups: int = 2  # 64 weight rows each: the block's weight tile is 64 * warpgroups rows
-    tokens: int = 128  # wgmma n: tokens per block (128 or 256)
+    tokens: int = 128  # wgmma n: tokens per block (64, 128 or 256)
     stages: int = 4
     dequant: bool = True  # False: a timing aid that feeds the packed words as fragments (wrong results)
 
@@ -199,10 +199,12 @@ class Sm90Config:
 
 # Measured (H100, benchmarks/results/gemm_sm90_h100.json, each tiling alone on the 7B shapes): 128 x 128 tiles
 # with 4 stages (two blocks per SM, one's prologue and epilogue under the other's main loop) win while the
-# grid is small (qkv at M = 512: 129 us vs 154, o and down: 49 / 138 vs 74 / 216); 128 rows x 256 tokens
-# (one block per SM, 128 accumulators a thread) move fewer activation bytes per FLOP and win once every SM
-# gets about two of them (M = 2048: gate_up 891 vs 940, o 151 vs 158). In between (one per SM) the two are
-# within run-to-run noise (~5-10% for one kernel).
+# grid is small (qkv at M = 512: 138 us vs 149 for LARGE); 128 rows x 256 tokens (one block per SM, 128
+# accumulators a thread) move fewer activation bytes per FLOP and win once every SM gets about two of them
+# (M = 2048: the 7B layer 1956 us vs 2059). When even the 128 x 128 tiles would occupy at most half the SMs
+# (o and down, 32 column tiles, at M <= 256), one warpgroup of 64 rows x 64 tokens wins: o 29 / 34 us vs
+# 49 / 49 at M = 128 / 256, down 86 / 103 vs 134 / 135 (it loses once the grid is full: o at 512, 57 vs 50).
+TINY = Sm90Config(1, 64, 4)
 SMALL = Sm90Config(2, 128, 4)
 LARGE = Sm90Config(2, 256, 5)
 
@@ -214,12 +216,24 @@ def large_threshold(N: int, num_sms: int) -> int:
     return LARGE.tokens * -(-(19 * max(num_sms, 1)) // (10 * col_tiles))
 
 
+def small_threshold(N: int, num_sms: int) -> int:
+    """Fewest tokens at which the SMALL tiles occupy more than half the SMs (below: TINY)."""
+    col_tiles = -(-N // SMALL.rows)
+    return SMALL.tokens * (max(num_sms, 1) // (2 * col_tiles)) + 1
+
+
+def default_tilings(N: int, num_sms: int) -> list[tuple[int, Sm90Config]]:
+    small = small_threshold(N, num_sms)
+    out = [(0, TINY), (small, SMALL)] if small > 1 else [(0, SMALL)]
+    return out + [(max(large_threshold(N, num_sms), small + 1), LARGE)]
+
+
 def _check(N: int, K: int, group_size: int, cfg: Sm90Config) -> None:
     if group_size not in GROUP_SIZES or K % group_size or K % BK or N % 16:
         raise UserError(f"gemm_w4a16_sm90: needs K % {BK} == 0, N % 16 == 0 and a group size in {GROUP_SIZES} "
                         f"(N={N}, K={K}, group {group_size})")
-    if cfg.tokens not in (128, 256) or not 3 <= cfg.stages <= 6 or cfg.smem_bytes() > MAX_SMEM or cfg.warpgroups not in (1, 2, 3, 4):
-        raise UserError(f"gemm_w4a16_sm90: config {cfg} does not fit (tokens 128/256, 3-6 stages, <= 4 warpgroups, "
+    if cfg.tokens not in (64, 128, 256) or not 3 <= cfg.stages <= 6 or cfg.smem_bytes() > MAX_SMEM or cfg.warpgroups not in (1, 2, 3, 4):
+        raise UserError(f"gemm_w4a16_sm90: config {cfg} does not fit (tokens 64/128/256, 3-6 stages, <= 4 warpgroups, "
                         f"{MAX_SMEM} B of shared memory)")
 
 
@@ -337,16 +351,20 @@ def _kernel(N: int, K: int, G: int, cfg: Sm90Config):
     return launch
 
 
-def gemm_w4a16_sm90(N: int, K: int, group_size: int, small: Sm90Config = SMALL, large: Sm90Config | None = LARGE,
-                    large_from: int = 1024):
+def gemm_w4a16_sm90(N: int, K: int, group_size: int, tilings: list[tuple[int, Sm90Config]] | None = None):
     """The PrimFunc (sm_90a only): x [M, K] fp16, weight uint32 [N, K/8], scales / zeros fp16 [N, K/G] -> y [M, N].
-    M is symbolic; calls with M >= `large_from` launch the `large` configuration (None: always `small`)."""
+    M is symbolic; `tilings` [(fewest tokens, config), ...] in ascending order, the first from 0: a call
+    launches the last one whose token count M reaches (default: default_tilings for an H100's 132 SMs)."""
     from tvm.script import tirx as T
 
+    tilings = list(tilings or default_tilings(N, 132))
+    if not 1 <= len(tilings) <= 3 or tilings[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(tilings, tilings[1:])):
+        raise UserError(f"gemm_w4a16_sm90: tilings must start at 0 tokens and ascend (1 to 3 of them), got {tilings}")
     G, KW, NG = group_size, K // 8, K // group_size
-    run_small = _kernel(N, K, G, small)
-    run_large = _kernel(N, K, G, large) if large is not None else run_small
-    threshold = large_from if large is not None else 1 << 62
+    runs = [_kernel(N, K, G, cfg) for _, cfg in tilings]
+    n = len(runs)
+    run0, run1, run2 = (runs + runs[-1:] * 2)[:3]
+    t1, t2 = ([t for t, _ in tilings[1:]] + [0, 0])[:2]
 
     @T.prim_func(s_tir=True)
     def gemm(x_h: T.handle, w_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
@@ -357,9 +375,20 @@ def gemm_w4a16_sm90(N: int, K: int, group_size: int, small: Sm90Config = SMALL, 
         sc = T.match_buffer(s_h, (N, NG), "float16")
         ze = T.match_buffer(z_h, (N, NG), "float16")
         y = T.match_buffer(y_h, (M, N), "float16")
-        if M >= threshold:  # host-side: picks which kernel to launch
-            run_large(x, w, sc, ze, y, M)
+        # `n` is a Python constant (only the branches that exist are built); the M tests run on the host
+        if n == 1:
+            run0(x, w, sc, ze, y, M)
+        elif n == 2:
+            if M >= t1:
+                run1(x, w, sc, ze, y, M)
+            else:
+                run0(x, w, sc, ze, y, M)
         else:
-            run_small(x, w, sc, ze, y, M)
+            if M >= t2:
+                run2(x, w, sc, ze, y, M)
+            elif M >= t1:
+                run1(x, w, sc, ze, y, M)
+            else:
+                run0(x, w, sc, ze, y, M)
 
     return gemm.with_attr("global_symbol", f"gemm_w4a16_sm90_n{N}_k{K}_g{G}")
