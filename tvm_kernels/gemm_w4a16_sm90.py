@@ -11,12 +11,12 @@ asynchronous warpgroup MMA (wgmma) that only sm_90a has. This kernel is that mai
 - The activations are wgmma's B operand in shared memory, in the 128-byte swizzled K-major layout, filled
   by a cp.async pipeline (`stages` deep) together with the packed weight tile. wgmma is asynchronous: the
   dequantize of step k + 1 runs while the tensor cores work on step k (one group in flight).
-- A block is `warpgroups` x 64 weight rows by `tokens` (128 or 256) tokens. M is symbolic: the PrimFunc
-  launches one of two tilings chosen on the host by M (SMALL / LARGE below); padding tokens are
-  zero-filled by the predicated copies and never stored; the output goes out through shared memory in
-  16-byte runs.
+- A block is `warpgroups` x 64 weight rows by `tokens` (64, 128 or 256) tokens. M is symbolic: the
+  PrimFunc launches one of up to three tilings chosen on the host by M (TINY / SMALL / LARGE below);
+  padding tokens are zero-filled by the predicated copies and never stored; the output goes out through
+  shared memory in 16-byte runs.
 - H100 (benchmarks/results/gemm_sm90_h100.json): one Llama-2-7B layer's four GEMMs at M = 2048 run at
-  0.60-0.64x cuBLAS FP16 over four runs (1.8x the portable kernel); without the dequantize the same loop
+  0.60-0.65x cuBLAS FP16 over six runs (1.8x the portable kernel); without the dequantize the same loop
   reaches ~0.71x.
 The PTX (wgmma, cp.async, proxy fences) sits in small inline-asm helpers that the TIR calls through
 T.cuda.func_call; the loop nest, tiling, pipeline and addressing are TIR. Only sm_90a runs it: every
