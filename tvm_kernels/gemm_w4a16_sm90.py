@@ -26,25 +26,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from tvm_kernels.errors import UserError
-from tvm_kernels.layout import GROUP_SIZES, dequantize_kernel_layout
+# the same computation as the portable kernel's, so the same numpy reference
+from tvm_kernels.gemm_w4a16 import reference  # noqa: F401
+from tvm_kernels.layout import GROUP_SIZES
 
 BK = 64  # k per pipeline stage (four k16 wgmma steps)
 W_ROW = 48  # bytes between packed weight rows in shared memory (32 used; the padding spreads the banks)
 MAX_SMEM = 227 * 1024  # H100 / H200 shared memory per block (opt-in)
 
 
-def reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
-    """numpy float32 y = x @ dequant(W)^T (the kernel rounds each dequantized weight and the result to fp16)."""
-    W = dequantize_kernel_layout(weight, scales, zeros, group_size)
-    return np.asarray(x, dtype=np.float32) @ W.T
+def _shape_fits(N: int, K: int, group_size: int) -> bool:
+    return group_size in GROUP_SIZES and K % group_size == 0 and K % BK == 0 and N % 16 == 0
 
 
 def supports(N: int, K: int, group_size: int, arch: str | None) -> bool:
     """wgmma needs sm_90a (H100 / H200 / GH200 built with the `a` suffix); the tiling needs these shapes."""
-    return arch == "sm_90a" and K % BK == 0 and K % group_size == 0 and group_size in GROUP_SIZES and N % 16 == 0
+    return arch == "sm_90a" and _shape_fits(N, K, group_size)
 
 
 def _wgmma_asm(n: int) -> str:
@@ -86,11 +84,11 @@ __device__ __forceinline__ void awq_acc_fence(float* d, int n) {
   #pragma unroll
   for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
-__device__ __forceinline__ unsigned long long awq_desc(const half* smem, int off, int lbo, int sbo, int swizzle128) {
+// wgmma descriptor of a K-major tile in the 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes
+// apart (the stride field), the leading-dimension field unused by this swizzle (1, i.e. 16 bytes)
+__device__ __forceinline__ unsigned long long awq_desc(const half* smem, int off) {
   return (static_cast<unsigned long long>(((static_cast<unsigned>(__cvta_generic_to_shared(smem)) + off) & 0x3FFFF) >> 4))
-       | (static_cast<unsigned long long>(lbo >> 4) << 16)
-       | (static_cast<unsigned long long>(sbo >> 4) << 32)
-       | (static_cast<unsigned long long>(swizzle128 ? 1 : 0) << 62);
+       | (1ull << 16) | (static_cast<unsigned long long>(1024 >> 4) << 32) | (1ull << 62);
 }
 // byte t of w holds two weights q0 (low nibble), q1: -> half2((q0 - z) * s, (q1 - z) * s)
 __device__ __forceinline__ unsigned awq_deq2(unsigned w, unsigned sel, unsigned zf, unsigned s2) {
@@ -229,7 +227,7 @@ def default_tilings(N: int, num_sms: int) -> list[tuple[int, Sm90Config]]:
 
 
 def _check(N: int, K: int, group_size: int, cfg: Sm90Config) -> None:
-    if group_size not in GROUP_SIZES or K % group_size or K % BK or N % 16:
+    if not _shape_fits(N, K, group_size):
         raise UserError(f"gemm_w4a16_sm90: needs K % {BK} == 0, N % 16 == 0 and a group size in {GROUP_SIZES} "
                         f"(N={N}, K={K}, group {group_size})")
     if cfg.tokens not in (64, 128, 256) or not 3 <= cfg.stages <= 6 or cfg.smem_bytes() > MAX_SMEM or cfg.warpgroups not in (1, 2, 3, 4):
@@ -259,8 +257,9 @@ def _kernel(N: int, K: int, G: int, cfg: Sm90Config):
 
     # The activation tile: `BM` rows (tokens) of BK = 64 halves = 128 bytes, in wgmma's 128-byte swizzle: the
     # 16-byte chunk c of row m sits at chunk c ^ (m % 8), so the 8 threads that copy one row's 128 contiguous
-    # bytes also write 8 different bank groups (the plain core-matrix layout made the copies read half lines:
-    # 0.37-0.44x cuBLAS instead of 0.47-0.55x in the sweep). The k16 slice s of every row starts 32 bytes on.
+    # bytes also write 8 different bank groups (with the plain core-matrix layout each 8 threads read one 16-byte
+    # chunk of 8 rows, half cache lines; it was clearly slower in an exploratory sweep whose code is not kept).
+    # The k16 slice s of every row starts 32 bytes on.
     def x_off(m, c):
         return m * 128 + T.bitwise_xor(c, m % 8) * 16
 
@@ -283,7 +282,7 @@ def _kernel(N: int, K: int, G: int, cfg: Sm90Config):
     def mma_step(sm, acc, f, sz, slot, r0, lane):
         call(frag, f.data, sm.data, WB + slot * WS, r0, lane % 4, sz.data)
         call("awq_wgmma_fence")
-        desc: T.let[T.uint64] = call("awq_desc", sm.data, slot * XS, 16, 1024, 1, return_type="uint64")
+        desc: T.let[T.uint64] = call("awq_desc", sm.data, slot * XS, return_type="uint64")
         for s in T.unroll(4):  # slice s starts 32 bytes on: +2 in the descriptor's 16-byte address field
             call(wgmma, acc.data, f.access_ptr("r", offset=4 * s), desc + T.uint64(2 * s))
 
