@@ -4,7 +4,7 @@
   # on the GPU machine (run tool, carry .gpu/tvmrt and .gpu/gemm_sm90):
   #   python3 -m pip install -q --no-index --no-deps --target /tmp/tvmrt .gpu/tvmrt/*.whl &&
   #   PYTHONPATH=/tmp/tvmrt:.gpu/tvmrt python3 benchmarks/_device_gemm_sm90.py .gpu/gemm_sm90 $OUT
-  python benchmarks/gemm_sm90.py collect DEVICE_JSON --name gemm_sm90_h100.json
+  python benchmarks/gemm_sm90.py collect DEVICE_JSON [DEVICE_JSON ...] --name gemm_sm90_h100.json
 
 In one device run, for the Llama-2-7B prefill shapes (g128) and SmolLM2's (g64) at M = 512 / 1024 / 2048: the
 kernel export uses (`dispatch`: SMALL tiles below large_threshold tokens, LARGE from there), each tile
@@ -16,6 +16,7 @@ reference at M = 1, 77 and 2048 (output poisoned with NaN first).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shutil
@@ -42,11 +43,11 @@ def cmd_build(args) -> int:
     from tvm_kernels.targets import get_target
 
     t = get_target("cuda-sm90")
-    raw = {"small": sm90.SMALL, "large": sm90.LARGE}
+    raw = {"small": sm90.SMALL, "large": sm90.LARGE}  # also timed without the dequantize
     alone = {**raw, "tiny": sm90.TINY}
     plan = {"commit": git_commit(), "built": datetime.datetime.utcnow().isoformat() + "Z",
             "command": " ".join([sys.executable] + sys.argv), "arch": t.arch, "kernels": [],
-            "configs": {k: vars(v) for k, v in {**raw, "tiny": sm90.TINY}.items()}}
+            "configs": {k: vars(v) for k, v in alone.items()}}
     funcs = {}
 
     def add(name, f, label, N, K, G, kind, check=True):
@@ -55,20 +56,18 @@ def cmd_build(args) -> int:
 
     for label, N, K, G in LLAMA7B + SMOLLM2:
         add(f"{label}_dispatch", gemm_w4a16(N, K, G, t), label, N, K, G, "dispatch")
+        plan["kernels"][-1]["tilings"] = [[m, vars(c)] for m, c in sm90.default_tilings(N, t.num_sms)]
         add(f"{label}_portable", gemm_w4a16(N, K, G, t, config=cuda_config(N, K, t)), label, N, K, G, "portable")
         if (label, N, K, G) in LLAMA7B:
             for name, cfg in alone.items():
                 add(f"{label}_{name}", sm90.gemm_w4a16_sm90(N, K, G, [(0, cfg)]), label, N, K, G, name)
                 if name not in raw:
                     continue
-                nodeq = sm90.Sm90Config(cfg.warpgroups, cfg.tokens, cfg.stages, dequant=False)
+                nodeq = dataclasses.replace(cfg, dequant=False)
                 add(f"{label}_{name}raw", sm90.gemm_w4a16_sm90(N, K, G, [(0, nodeq)]), label, N, K, G,
                     f"{name}raw", check=False)
         else:  # SmolLM2's narrow layers: the export's pick against the 128 x 128 tiles alone
             add(f"{label}_small", sm90.gemm_w4a16_sm90(N, K, G, [(0, sm90.SMALL)]), label, N, K, G, "small")
-    for k in plan["kernels"]:
-        if k["kind"] == "dispatch":
-            k["tilings"] = [[m, vars(c)] for m, c in sm90.default_tilings(k["N"], t.num_sms)]
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -87,7 +86,9 @@ def cmd_build(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    data = json.loads(Path(args.device_json).read_text())
+    runs = [json.loads(Path(f).read_text()) for f in args.device_json]
+    # one run as it is; several (the history of a kernel across versions) side by side in one file
+    data = runs[0] if len(runs) == 1 else {"runs": [{"file": f, **r} for f, r in zip(args.device_json, runs)]}
     data["collected"] = {"command": " ".join([sys.executable] + sys.argv), "commit_at_collect": git_commit(),
                          "notes": args.note}
     out = RESULTS / args.name
@@ -104,7 +105,7 @@ def main() -> int:
     b = sub.add_parser("build")
     b.add_argument("--out", default=str(REPO / ".gpu" / "gemm_sm90"))
     c = sub.add_parser("collect")
-    c.add_argument("device_json")
+    c.add_argument("device_json", nargs="+")
     c.add_argument("--name", default="gemm_sm90_h100.json")
     c.add_argument("--note", action="append", default=[])
     args = ap.parse_args()
