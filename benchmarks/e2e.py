@@ -226,6 +226,9 @@ def cmd_prepare_gpu(args) -> int:
         ("smollm2-fp16", lambda out: export_config(smol_cfg, "cuda-sm90", out, force=True, context_length=4096)),
         ("llama7b-w4", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)),
         ("llama7b-fp16", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, force=True, context_length=4096)),
+        # the same W4 model launched without programmatic dependent launch: PDL's effect in the same run
+        ("llama7b-w4-nopdl", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True,
+                                                       context_length=4096, pdl=False)),
     ]
     summary = {}
     for name, fn in jobs:
@@ -343,10 +346,12 @@ def cmd_device_speed(args) -> int:
     b = guarded(ours, "smollm2-fp16", "SmolLM2-135M FP16 (awq-edge)")
     c = guarded(hf, smol_hf, "SmolLM2-135M FP16 HF eager", list(lengths), gen)
     d = guarded(ours, "llama7b-w4", "Llama-2-7B-shape W4 g128 (awq-edge)")
+    g = (guarded(ours, "llama7b-w4-nopdl", "Llama-2-7B-shape W4 g128, no PDL (awq-edge)")
+         if (GPU_DIR / "llama7b-w4-nopdl").is_dir() else None)
     e = guarded(ours, "llama7b-fp16", "Llama-2-7B-shape FP16 (awq-edge)")
     f = guarded(hf, LLAMA2_7B, "Llama-2-7B-shape FP16 HF eager", [128, 512], args.hf_7b_tokens)
-    report["ratios"] = [{"run": x["label"], "baseline": y["label"], "vs": ratios(x, y)}
-                        for x, y in ((a, b), (a, c), (d, e), (d, f))]
+    pairs = [(a, b), (a, c), (d, e), (d, f)] + ([(d, g)] if g else [])
+    report["ratios"] = [{"run": x["label"], "baseline": y["label"], "vs": ratios(x, y)} for x, y in pairs]
     (out_dir / "e2e_gpu_speed.json").write_text(json.dumps(report, indent=2))
     print("\n" + format_table(runs))
     for r in report["ratios"]:
