@@ -226,9 +226,6 @@ def cmd_prepare_gpu(args) -> int:
         ("smollm2-fp16", lambda out: export_config(smol_cfg, "cuda-sm90", out, force=True, context_length=4096)),
         ("llama7b-w4", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)),
         ("llama7b-fp16", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, force=True, context_length=4096)),
-        # the same W4 model launched without programmatic dependent launch: PDL's effect in the same run
-        ("llama7b-w4-nopdl", lambda out: export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True,
-                                                       context_length=4096, pdl=False)),
     ]
     summary = {}
     for name, fn in jobs:
@@ -346,18 +343,48 @@ def cmd_device_speed(args) -> int:
     b = guarded(ours, "smollm2-fp16", "SmolLM2-135M FP16 (awq-edge)")
     c = guarded(hf, smol_hf, "SmolLM2-135M FP16 HF eager", list(lengths), gen)
     d = guarded(ours, "llama7b-w4", "Llama-2-7B-shape W4 g128 (awq-edge)")
-    g = (guarded(ours, "llama7b-w4-nopdl", "Llama-2-7B-shape W4 g128, no PDL (awq-edge)")
-         if (GPU_DIR / "llama7b-w4-nopdl").is_dir() else None)
     e = guarded(ours, "llama7b-fp16", "Llama-2-7B-shape FP16 (awq-edge)")
     f = guarded(hf, LLAMA2_7B, "Llama-2-7B-shape FP16 HF eager", [128, 512], args.hf_7b_tokens)
-    pairs = [(a, b), (a, c), (d, e), (d, f)] + ([(d, g)] if g else [])
-    report["ratios"] = [{"run": x["label"], "baseline": y["label"], "vs": ratios(x, y)} for x, y in pairs]
+    report["ratios"] = [{"run": x["label"], "baseline": y["label"], "vs": ratios(x, y)}
+                        for x, y in ((a, b), (a, c), (d, e), (d, f))]
     (out_dir / "e2e_gpu_speed.json").write_text(json.dumps(report, indent=2))
     print("\n" + format_table(runs))
     for r in report["ratios"]:
         for row in r["vs"]:
             print(f"{r['run']} vs {r['baseline']} @ {row['prompt_tokens']}: decode x{row['decode_speedup']:.2f}, "
                   f"TTFT x{row['ttft_ratio']:.2f}")
+    return 0
+
+
+def cmd_device_ab(args) -> int:
+    """Artifacts of ours side by side: all loaded at once, then `rounds` alternating rounds of each."""
+    import torch  # noqa: F401  (loads libcudart.so.13 from torch's wheels before the TVM runtime)
+
+    from runtime.bench import bench_one
+    from runtime.engine import Engine
+
+    engines = {n: Engine(GPU_DIR / n, device="cuda", verify=False, synthesize_weights=True) for n in args.artifacts}
+    for eng in engines.values():
+        bench_one(eng, 16, 8)  # warm-up: kernels loaded, CUDA graphs captured, allocator filled
+    rounds = []
+    for i in range(args.rounds):
+        for n, eng in engines.items():
+            for length in args.prompt_lengths:
+                r = bench_one(eng, length, args.gen_tokens)
+                rounds.append({"round": i, "artifact": n, **r})
+                print(f"round {i} {n:24s} {length:5d}: decode {r['decode_tokens_per_s']:7.1f} tok/s, "
+                      f"TTFT {r['ttft_ms']:6.1f} ms", flush=True)
+    med = {n: {L: float(np.median([r["decode_tokens_per_s"] for r in rounds if r["artifact"] == n
+                                   and r["prompt_tokens"] == L])) for L in args.prompt_lengths} for n in engines}
+    first = args.artifacts[0]
+    report = header({"device": _device_info(), "artifacts": args.artifacts, "rounds": rounds,
+                     "median_decode_tokens_per_s": med,
+                     "decode_ratio_vs_first": {n: {L: med[n][L] / med[first][L] for L in args.prompt_lengths}
+                                               for n in engines}})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e_gpu_ab.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["decode_ratio_vs_first"], indent=1))
     return 0
 
 
@@ -534,6 +561,13 @@ def main(argv=None) -> int:
     k.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     k.add_argument("--tokens", type=int, default=32)
     k.set_defaults(func=cmd_device_check)
+    b = sub.add_parser("device-ab")
+    b.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    b.add_argument("--artifacts", nargs="+", required=True, help="folders under .gpu/h5; ratios are against the first")
+    b.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
+    b.add_argument("--gen-tokens", type=int, default=256)
+    b.add_argument("--rounds", type=int, default=3)
+    b.set_defaults(func=cmd_device_ab)
     w = sub.add_parser("pack-weights")
     w.add_argument("--part-a-mb", type=int, default=45)
     w.set_defaults(func=cmd_pack_weights)
