@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "row and 32 columns (CPU targets; a tied embedding table shares it)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA targets: do not capture decode's static regions as CUDA graphs")
+    p.add_argument("--pdl", default="auto", choices=["auto", "on", "off"],
+                   help="programmatic dependent launch (sm_90+): each kernel starts while the previous one "
+                        "finishes; auto = on for models of hidden size <= 2048 (launch-bound decode), off above")
     p.set_defaults(func=_export)
 
     t = sub.add_parser("targets", help="list the build targets")
@@ -51,7 +54,7 @@ def _export(args) -> int:
     summary = export_checkpoint(args.checkpoint, args.target, args.out, force=args.force,
                                 context_length=args.context_length, prefill_chunk=args.prefill_chunk,
                                 kernels=args.kernels, cuda_graph=not args.no_cuda_graph, shard_bytes=shard,
-                                lm_head=args.lm_head)
+                                lm_head=args.lm_head, pdl=args.pdl)
     mb = summary["artifact_bytes"] / 2**20
     print(f"wrote {summary['out']} ({summary['target']}, {'AWQ' if summary['quantized'] else 'FP16'}): "
           f"{mb:.1f} MiB in {summary['total_s']:.1f} s (compile {summary['compile_s']:.1f} s)")

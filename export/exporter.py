@@ -218,8 +218,9 @@ def write_sharded_params(folder: Path, params: list[dict[str, Any]], get: Callab
 # ---------------------------------------------------------------------------------------------
 # build
 
-def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: bool):
-    """Compile the module; returns (executable, params list [{name, shape, dtype}])."""
+def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: bool, pdl: bool):
+    """Compile the module; returns (executable, params list [{name, shape, dtype}]). `pdl`: kernels launch
+    with programmatic dependent launch (tvm_kernels/pdl.py; `resolve_pdl` gives the value)."""
     import tvm
     from tvm import relax
 
@@ -228,7 +229,7 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
 
     target = device_target.tvm_target()
     with target:
-        linear_op = make_linear_op(kernels, device_target) if cfg.group_size is not None else None
+        linear_op = make_linear_op(kernels, device_target, pdl) if cfg.group_size is not None else None
         lm_head_ops = make_lm_head_op(device_target) if cfg.lm_head == "int8" else None
         module, spec = build_module(cfg, linear_op, make_norm_ops(device_target),
                                     lambda rope_mode: attention_kernels(device_target, rope_mode), lm_head_ops)
@@ -238,8 +239,12 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
         if device_target.is_cuda:
             from tvm_kernels.gemm_w4a16 import BUILD_CONFIG
 
+            from tvm_kernels.pdl import apply_pdl
+
             config.update(BUILD_CONFIG)  # the prefill GEMM's cp.async pipeline (synchronous copies without it)
             pipeline = relax.get_default_pipeline(target)
+            if pdl:  # after scheduling, on the final PrimFuncs (the KV cache's own kernels included)
+                pipeline = tvm.transform.Sequential([pipeline, apply_pdl(device_target)])
         else:
             from export.cpu_schedule import cpu_pipeline
 
@@ -258,9 +263,21 @@ def _export_library(ex, path: Path, device_target) -> None:
         check_cubin(path, device_target.arch)
 
 
-def _target_manifest(dt) -> dict[str, Any]:
+def resolve_pdl(pdl: str, dt, cfg: ModelConfig) -> bool:
+    """export --pdl auto|on|off -> whether this export launches with PDL (tvm_kernels/pdl.py)."""
+    from tvm_kernels.pdl import default_on
+
+    if pdl not in ("auto", "on", "off"):
+        raise UserError(f"--pdl {pdl!r}: expected auto, on or off")
+    if pdl == "on" and not dt.pdl:
+        raise UserError(f"--pdl on: target {dt.name} has no programmatic dependent launch (sm_90 and newer)")
+    return default_on(dt, cfg.hidden_size) if pdl == "auto" else pdl == "on"
+
+
+def _target_manifest(dt, pdl: bool) -> dict[str, Any]:
     return {"name": dt.name, "device": "cuda" if dt.is_cuda else "cpu", "tvm_target": str(dt.tvm_target()),
-            "host_triple": dt.host_triple, "arch": dt.arch, "description": dt.description}
+            "host_triple": dt.host_triple, "arch": dt.arch, "description": dt.description,
+            "programmatic_dependent_launch": pdl}
 
 
 def _cuda_graph_manifest(dt, on: bool) -> dict[str, Any]:
@@ -326,7 +343,7 @@ def _kv_manifest(cfg: ModelConfig) -> dict[str, Any]:
 def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool = False,
                       context_length: int | None = None, prefill_chunk: int | None = None,
                       kernels: str = "tvm_kernels", cuda_graph: bool = True,
-                      shard_bytes: int = SHARD_BYTES, lm_head: str = "fp16") -> dict[str, Any]:
+                      shard_bytes: int = SHARD_BYTES, lm_head: str = "fp16", pdl: str = "auto") -> dict[str, Any]:
     """Export an AWQ GEMM or FP16 Hugging Face checkpoint folder. Returns a summary (times, sizes).
     The weights go to one params.safetensors, or to shards of at most `shard_bytes` of data each.
     `lm_head` "int8": weight-only INT8 lm_head (CPU targets; export/lm_head.py)."""
@@ -352,11 +369,12 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
     tensors = SafetensorsFolder(checkpoint)
     source = _Params(cfg, arch, LinearSource(tensors, quant))
     dt = resolve_target(target)
+    use_pdl = resolve_pdl(pdl, dt, cfg)
     summary: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
         t1 = time.perf_counter()
-        ex, params = build_library(cfg, dt, kernels, cuda_graph)
+        ex, params = build_library(cfg, dt, kernels, cuda_graph, use_pdl)
         _export_library(ex, tmp / LIBRARY, dt)
         t2 = time.perf_counter()
         files = write_sharded_params(tmp, params, source.get, shard_bytes)
@@ -364,7 +382,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
         for f in tok_files:
             shutil.copy2(f, tmp / f.name)
         manifest = Manifest(
-            model={**cfg.as_manifest(), "source": str(checkpoint.absolute())}, target=_target_manifest(dt),
+            model={**cfg.as_manifest(), "source": str(checkpoint.absolute())}, target=_target_manifest(dt, use_pdl),
             library=LIBRARY, params=params, functions=FUNCTIONS, kv_cache=_kv_manifest(cfg),
             tokenizer={"files": [f.name for f in tok_files], "chat_template": template,
                        "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids},
@@ -388,7 +406,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
 def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_size: int | None = None,
                   force: bool = False, context_length: int | None = None, prefill_chunk: int | None = None,
                   kernels: str = "tvm_kernels", cuda_graph: bool = True,
-                  tokenizer_dir: Path | None = None) -> dict[str, Any]:
+                  tokenizer_dir: Path | None = None, pdl: str = "auto") -> dict[str, Any]:
     """Export from a transformers config dict alone: the library and a manifest whose params have
     `"file": null`, for a benchmark to fill with random weights in the kernel layout (W4 linears:
     `weight` uint32 [N, K/8], `scales`/`zeros` float16 [N, K/G] (zeros integers 0..15); the rest float16).
@@ -405,18 +423,19 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
     _check_group(cfg, where)
     tok_files, template = tokenizer_files(tokenizer_dir) if tokenizer_dir else ([], None)
     dt = resolve_target(target)
+    use_pdl = resolve_pdl(pdl, dt, cfg)
     quant = QuantConfig(4, group_size, True) if group_size else None
     summary: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
-        ex, params = build_library(cfg, dt, kernels, cuda_graph)
+        ex, params = build_library(cfg, dt, kernels, cuda_graph, use_pdl)
         _export_library(ex, tmp / LIBRARY, dt)
         for p in params:
             p["file"] = None
         for f in tok_files:
             shutil.copy2(f, tmp / f.name)
         manifest = Manifest(
-            model={**cfg.as_manifest(), "source": None, "weights": "synthesize"}, target=_target_manifest(dt),
+            model={**cfg.as_manifest(), "source": None, "weights": "synthesize"}, target=_target_manifest(dt, use_pdl),
             library=LIBRARY, params=params, functions=FUNCTIONS, kv_cache=_kv_manifest(cfg),
             tokenizer={"files": [f.name for f in tok_files], "chat_template": template,
                        "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids},

@@ -17,10 +17,11 @@ PROVIDERS = ("tvm_kernels", "dequant")
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
-def make_linear_op(provider: str, target):
+def make_linear_op(provider: str, target, pdl: bool = True):
+    """`pdl` False: the decode GEMV leaves out its programmatic-dependent-launch wait (export --pdl off)."""
     if provider not in PROVIDERS:
         raise UserError(f"--kernels {provider!r}: expected one of {', '.join(PROVIDERS)}")
-    return _tvm_kernels_linear(target) if provider == "tvm_kernels" else _dequant_linear
+    return _tvm_kernels_linear(target, pdl) if provider == "tvm_kernels" else _dequant_linear
 
 
 def make_norm_ops(device_target):
@@ -130,7 +131,7 @@ def _dequant_linear(x, weight, scales, zeros, N: int, K: int, G: int):
     return op.tensor_expr_op(f, "dequant_matmul", [x, weight, scales, zeros]).astype("float16")
 
 
-def _tvm_kernels_linear(target):
+def _tvm_kernels_linear(target, pdl: bool):
     from tvm.relax.frontend.nn import Tensor, op
 
     try:
@@ -143,7 +144,7 @@ def _tvm_kernels_linear(target):
     def kernel(N: int, K: int, G: int, decode: bool):
         key = (N, K, G, decode)
         if key not in cache:
-            f = gemv_w4a16(N, K, G, target, M=1) if decode else gemm_w4a16(N, K, G, target)
+            f = gemv_w4a16(N, K, G, target, M=1, pdl=pdl) if decode else gemm_w4a16(N, K, G, target)
             # The builders name their PrimFunc "main"; the module gives each its own symbol.
             cache[key] = f.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
         return cache[key]

@@ -118,8 +118,10 @@ __device__ __forceinline__ float awq_h2_sum(unsigned acc) {
 """
 
 
-def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
+def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = False):
     from tvm.script import tirx as T
+
+    from tvm_kernels import pdl as P
 
     TX, R, TY, U, KS, FW = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit, cfg.f16_words
     if FW not in (1, 2, 4):
@@ -181,6 +183,11 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                                         zz[u, r] = (T.Cast("uint32", zeros[
                                             T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
                                             + T.uint32(0x6400)) * T.uint32(0x00010001)
+                            if pdl and o == 0:
+                                # the first weight loads (all of them for K <= 4096) are in flight while
+                                # the previous kernel finishes; the activations are its output
+                                T.evaluate(P.wait())
+                                T.evaluate(P.launch_dependents())
                             for u in T.unroll(U):
                                 if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
                                     for m, r in T.grid(M, R):
@@ -231,7 +238,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig):
                                             red[0] = red[0] + ksum[kz, ty % TY, m, r]
                                         y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
 
-    return gemv
+    return gemv.with_attr(P.MANUAL_ATTR, True) if pdl else gemv
 
 
 def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
@@ -324,10 +331,12 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
     return gemv
 
 
-def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: CudaConfig | None = None):
+def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: CudaConfig | None = None,
+               pdl: bool = True):
     """A scheduled TIR PrimFunc (x f16 [M, K], weight u32 [N, K/8], scales f16 [N, K/G], zeros f16 [N, K/G],
     y f16 [M, N]) for `target` (a name from tvm_kernels.targets or a DeviceTarget).
-    `config` overrides the CUDA tiling (benchmarks sweep it)."""
+    `config` overrides the CUDA tiling (benchmarks sweep it). `pdl`: on targets that have programmatic
+    dependent launch, wait for the previous kernel after the first weight loads (tvm_kernels/pdl.py)."""
     N, K, group_size, M = int(N), int(K), int(group_size), int(M)
     _check_shape(N, K, group_size, M)
     t = get_target(target)
@@ -335,5 +344,5 @@ def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: Cuda
         cfg = config or cuda_config(N, K, M, t)
         if cfg.math != "f16x2":
             raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (only f16x2; see CudaConfig)")
-        return _cuda_kernel(N, K, group_size, M, cfg)
+        return _cuda_kernel(N, K, group_size, M, cfg, pdl=pdl and t.pdl)
     return _cpu_kernel(N, K, group_size, M, t)

@@ -38,6 +38,16 @@ class DeviceTarget:
     def is_cuda(self) -> bool:
         return self.kind == "cuda"
 
+    @property
+    def sm(self) -> int:
+        """The compute capability as a number (90 for sm_90a); 0 for CPUs."""
+        return int("".join(c for c in self.arch if c.isdigit())) if self.is_cuda and self.arch else 0
+
+    @property
+    def pdl(self) -> bool:
+        """Programmatic dependent launch (griddepcontrol) exists from sm_90 on; see tvm_kernels/pdl.py."""
+        return self.sm >= 90
+
     def tvm_target(self):
         """The tvm.target.Target (imports tvm; for CUDA call cuda_env.prepare_cuda_build() first)."""
         import tvm
