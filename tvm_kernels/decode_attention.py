@@ -5,9 +5,7 @@ Why (measured, benchmarks/results/profile_before_h200.json): TVM's stock TIR dec
 7B model (3 for SmolLM2) on a 132-SM GPU: 32 us per layer at 512 tokens of context for 7B, 23 us for
 SmolLM2, a third of the 7B decode step and half of SmolLM2's. Here the context is also split over
 `splits` blocks per head: each block runs an online softmax over its slice and writes its partial
-output and log-sum-exp to a workspace; the last block of a head to finish (an atomic counter per
-sequence and kv head) merges the slices, so a layer launches one kernel, not a split and a merge
-kernel (one launch fewer per layer: ~2 us of GPU time on the 7B and host time on SmolLM2).
+output and log-sum-exp to a workspace, and a second kernel merges the slices.
 
 Same signature and conventions as TVM's `batch_decode_paged_kv` (the paged KV cache calls it through
 its function table): q [B, H_qo, D], pages [P, 2, H_kv, page_size, D], page table (indptr, values),
@@ -30,35 +28,6 @@ from tvm_kernels.errors import UserError
 from tvm_kernels.targets import DeviceTarget, get_target
 
 LOG2E = math.log2(math.e)
-
-
-# One counter per (sequence, kv head): the slices of a head count themselves in, and the last one merges
-# the partials and sets the counter back to 0, so the counters are zero between launches (a __device__
-# array is zero when the module loads) and no second kernel (the merge) is launched per layer.
-ARRIVE_SLOTS = 4096
-# (TVM emits a func_call's source once per function name: one function per source string)
-_FENCE_SOURCE = r"""
-__device__ __forceinline__ void awq_attn_fence() { __threadfence(); }
-"""
-_ARRIVE_SOURCE = r"""
-__device__ unsigned int awq_attn_split_counter[%d];
-__device__ __forceinline__ int awq_attn_arrive(int slot, int slices) {
-  // every thread of the block fenced its partial writes before the barrier that precedes this call
-  unsigned int prev = atomicAdd(&awq_attn_split_counter[slot], 1u);
-  if (prev + 1u < (unsigned int)slices) return 0;
-  awq_attn_split_counter[slot] = 0u;  // all slices have arrived: ready for the next launch
-  __threadfence();
-  return 1;
-}
-""" % ARRIVE_SLOTS
-_LDCG_SOURCE = r"""
-__device__ __forceinline__ float awq_ldcg_f32(const float* p) { return __ldcg(p); }
-"""
-
-
-def _ldcg(T, buf, *idx):
-    """buf[idx] read at L2 (other blocks wrote it during this kernel; L1 is not coherent)."""
-    return T.cuda.func_call("awq_ldcg_f32", T.address_of(buf[idx]), source_code=_LDCG_SOURCE, return_type="float32")
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -150,143 +119,126 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
         last_page_len = T.match_buffer(length_handle, (B,), "int32", elem_offset=length_off)
 
         assert rotary_mode == 0, "decode_attention: rotary embedding must be applied before attention (RopeMode NORMAL/NONE)"
-        assert B * H_kv <= ARRIVE_SLOTS, "decode_attention: batch x kv heads exceeds the split counters (ARRIVE_SLOTS)"
-        # partial outputs / lse of every slice (a workspace): T.alloc_buffer at function level stays a host-side
-        # allocation with one kernel (inside an explicit root sblock TVM moves it into the kernel and fails)
-        part_o = T.alloc_buffer((B, H_qo, NS, D), "float32")
-        part_lse = T.alloc_buffer((B, H_qo, NS), "float32")
-        for bx in T.thread_binding(B, thread="blockIdx.x"):
-            for by in T.thread_binding(H_kv, thread="blockIdx.y"):
-                for bz in T.thread_binding(NS, thread="blockIdx.z"):
-                    for ty in T.thread_binding(bdy, thread="threadIdx.y"):
-                        for tx in T.thread_binding(bdx, thread="threadIdx.x"):
-                            for tz in T.thread_binding(bdz, thread="threadIdx.z"):
-                                with T.sblock("slice"):
-                                    q_loc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
-                                    o_loc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
-                                    k_loc = T.sblock_alloc_buffer((TOK, VEC), dtype, scope="local")
-                                    v_loc = T.sblock_alloc_buffer((TOK, VEC), dtype, scope="local")
-                                    dot = T.sblock_alloc_buffer((TOK,), "float32", scope="local")
-                                    red0 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                    red1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                    score = T.sblock_alloc_buffer((TOK,), "float32", scope="local")
-                                    m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                    st = T.sblock_alloc_buffer((2,), "float32", scope="local")  # m, d
-                                    span = T.sblock_alloc_buffer((3,), "int32", scope="local")  # lo, hi, len
-                                    o_sh = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
-                                    md_sh = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
-                                    last = T.sblock_alloc_buffer((1,), "int32", scope="shared")
-                                    mx = T.sblock_alloc_buffer((2,), "float32", scope="local")  # merge: max lse, sum of weights
-                                    is_last = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                                    head: T.let[T.int32] = by * G + ty
-                                    begin: T.let[T.int32] = indptr[bx]
-                                    end: T.let[T.int32] = indptr[bx + 1]
-                                    span[2] = T.if_then_else(begin != end, (end - begin - 1) * page_size + last_page_len[bx], 0)
-                                    per: T.let[T.int32] = T.ceildiv(span[2], NS)
-                                    span[0] = T.min(bz * per, span[2])
-                                    span[1] = T.min(span[0] + per, span[2])
-                                    st[0] = T.float32(NEG)
-                                    st[1] = T.float32(1)
-                                    for i0 in T.unroll(VEC // LV):
-                                        for i1 in T.vectorized(LV):
-                                            q_loc[i0 * LV + i1] = T.Cast("float32", Q[bx, head, tx * VEC + i0 * LV + i1]) * sm_scale * T.float32(LOG2E)
-                                            o_loc[i0 * LV + i1] = T.float32(0)
-                                    for it in T.serial(T.ceildiv(span[1] - span[0], bdz * TOK)):
-                                        # TOK rows per thread: their loads are issued together, then used
-                                        for j in T.unroll(TOK):
-                                            pos: T.let[T.int32] = span[0] + (it * bdz + tz) * TOK + j
-                                            # past the slice: read its last row again (an address that exists), mask the score
-                                            off: T.let[T.int32] = T.min(pos, span[1] - 1)
-                                            page: T.let[T.int32] = values[begin + T.floordiv(off, page_size)]
-                                            slot: T.let[T.int32] = T.floormod(off, page_size)
-                                            for i0 in T.unroll(VEC // LV):
-                                                for i1 in T.vectorized(LV):
-                                                    k_loc[j, i0 * LV + i1] = pages[page, 0, by, slot, tx * VEC + i0 * LV + i1]
-                                            for i0 in T.unroll(VEC // LV):
-                                                for i1 in T.vectorized(LV):
-                                                    v_loc[j, i0 * LV + i1] = pages[page, 1, by, slot, tx * VEC + i0 * LV + i1]
-                                        for j in T.unroll(TOK):
-                                            dot[j] = T.float32(0)
+        with T.sblock("root"):
+            part_o = T.sblock_alloc_buffer((B, H_qo, NS, D), "float32")
+            part_lse = T.sblock_alloc_buffer((B, H_qo, NS), "float32")
+            for bx in T.thread_binding(B, thread="blockIdx.x"):
+                for by in T.thread_binding(H_kv, thread="blockIdx.y"):
+                    for bz in T.thread_binding(NS, thread="blockIdx.z"):
+                        for ty in T.thread_binding(bdy, thread="threadIdx.y"):
+                            for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                                for tz in T.thread_binding(bdz, thread="threadIdx.z"):
+                                    with T.sblock("slice"):
+                                        q_loc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                        o_loc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                        k_loc = T.sblock_alloc_buffer((TOK, VEC), dtype, scope="local")
+                                        v_loc = T.sblock_alloc_buffer((TOK, VEC), dtype, scope="local")
+                                        dot = T.sblock_alloc_buffer((TOK,), "float32", scope="local")
+                                        red0 = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                        red1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                        score = T.sblock_alloc_buffer((TOK,), "float32", scope="local")
+                                        m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                        st = T.sblock_alloc_buffer((2,), "float32", scope="local")  # m, d
+                                        span = T.sblock_alloc_buffer((3,), "int32", scope="local")  # lo, hi, len
+                                        o_sh = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
+                                        md_sh = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
+                                        head: T.let[T.int32] = by * G + ty
+                                        begin: T.let[T.int32] = indptr[bx]
+                                        end: T.let[T.int32] = indptr[bx + 1]
+                                        span[2] = T.if_then_else(begin != end, (end - begin - 1) * page_size + last_page_len[bx], 0)
+                                        per: T.let[T.int32] = T.ceildiv(span[2], NS)
+                                        span[0] = T.min(bz * per, span[2])
+                                        span[1] = T.min(span[0] + per, span[2])
+                                        st[0] = T.float32(NEG)
+                                        st[1] = T.float32(1)
+                                        for i0 in T.unroll(VEC // LV):
+                                            for i1 in T.vectorized(LV):
+                                                q_loc[i0 * LV + i1] = T.Cast("float32", Q[bx, head, tx * VEC + i0 * LV + i1]) * sm_scale * T.float32(LOG2E)
+                                                o_loc[i0 * LV + i1] = T.float32(0)
+                                        for it in T.serial(T.ceildiv(span[1] - span[0], bdz * TOK)):
+                                            # TOK rows per thread: their loads are issued together, then used
+                                            for j in T.unroll(TOK):
+                                                pos: T.let[T.int32] = span[0] + (it * bdz + tz) * TOK + j
+                                                # past the slice: read its last row again (an address that exists), mask the score
+                                                off: T.let[T.int32] = T.min(pos, span[1] - 1)
+                                                page: T.let[T.int32] = values[begin + T.floordiv(off, page_size)]
+                                                slot: T.let[T.int32] = T.floormod(off, page_size)
+                                                for i0 in T.unroll(VEC // LV):
+                                                    for i1 in T.vectorized(LV):
+                                                        k_loc[j, i0 * LV + i1] = pages[page, 0, by, slot, tx * VEC + i0 * LV + i1]
+                                                for i0 in T.unroll(VEC // LV):
+                                                    for i1 in T.vectorized(LV):
+                                                        v_loc[j, i0 * LV + i1] = pages[page, 1, by, slot, tx * VEC + i0 * LV + i1]
+                                            for j in T.unroll(TOK):
+                                                dot[j] = T.float32(0)
+                                                for i in T.unroll(VEC):
+                                                    dot[j] = dot[j] + q_loc[i] * T.Cast("float32", k_loc[j, i])
+                                            with T.sblock("lanes_sum"):  # both rows' dot products in one pass over the lanes
+                                                T.reads(dot[0:2])
+                                                T.writes(red0[0], red1[0])
+                                                T.attr(T.comm_reducer(lambda a0, a1, b0, b1: (a0 + b0, a1 + b1), [T.float32(0), T.float32(0)]),
+                                                       "reduce_scope", T.int32(0))
+                                                T.tvm_thread_allreduce(T.uint32(2), dot[0], dot[1], True, red0[0], red1[0], tx, dtype="void")
+                                            score[0] = red0[0]
+                                            score[1] = red1[0]
+                                            for j in T.unroll(TOK):
+                                                score[j] = T.if_then_else(span[0] + (it * bdz + tz) * TOK + j < span[1], score[j], T.float32(NEG))
+                                            m_prev[0] = st[0]
+                                            for j in T.unroll(TOK):
+                                                st[0] = T.max(st[0], score[j])
+                                            keep: T.let[T.float32] = T.exp2(m_prev[0] - st[0])
+                                            st[1] = st[1] * keep
                                             for i in T.unroll(VEC):
-                                                dot[j] = dot[j] + q_loc[i] * T.Cast("float32", k_loc[j, i])
-                                        with T.sblock("lanes_sum"):  # both rows' dot products in one pass over the lanes
-                                            T.reads(dot[0:2])
-                                            T.writes(red0[0], red1[0])
-                                            T.attr(T.comm_reducer(lambda a0, a1, b0, b1: (a0 + b0, a1 + b1), [T.float32(0), T.float32(0)]),
-                                                   "reduce_scope", T.int32(0))
-                                            T.tvm_thread_allreduce(T.uint32(2), dot[0], dot[1], True, red0[0], red1[0], tx, dtype="void")
-                                        score[0] = red0[0]
-                                        score[1] = red1[0]
-                                        for j in T.unroll(TOK):
-                                            score[j] = T.if_then_else(span[0] + (it * bdz + tz) * TOK + j < span[1], score[j], T.float32(NEG))
-                                        m_prev[0] = st[0]
-                                        for j in T.unroll(TOK):
-                                            st[0] = T.max(st[0], score[j])
-                                        keep: T.let[T.float32] = T.exp2(m_prev[0] - st[0])
-                                        st[1] = st[1] * keep
+                                                o_loc[i] = o_loc[i] * keep
+                                            for j in T.unroll(TOK):
+                                                score[j] = T.exp2(score[j] - st[0])
+                                                st[1] = st[1] + score[j]
+                                                for i in T.unroll(VEC):
+                                                    o_loc[i] = o_loc[i] + score[j] * T.Cast("float32", v_loc[j, i])
+                                        # merge the bdz token streams of this block
+                                        for i0 in T.unroll(VEC // LV):
+                                            for i1 in T.vectorized(LV):
+                                                o_sh[tz, ty, tx * VEC + i0 * LV + i1] = o_loc[i0 * LV + i1]
+                                        md_sh[tz, ty, 0] = st[0]
+                                        md_sh[tz, ty, 1] = st[1]
+                                        T.tvm_storage_sync("shared")
+                                        st[0] = T.float32(NEG)
+                                        for j in T.serial(bdz):
+                                            st[0] = T.max(st[0], md_sh[j, ty, 0])
+                                        st[1] = T.float32(0)
                                         for i in T.unroll(VEC):
-                                            o_loc[i] = o_loc[i] * keep
-                                        for j in T.unroll(TOK):
-                                            score[j] = T.exp2(score[j] - st[0])
-                                            st[1] = st[1] + score[j]
+                                            o_loc[i] = T.float32(0)
+                                        for j in T.serial(bdz):
+                                            w: T.let[T.float32] = T.exp2(md_sh[j, ty, 0] - st[0])
+                                            st[1] = st[1] + md_sh[j, ty, 1] * w
                                             for i in T.unroll(VEC):
-                                                o_loc[i] = o_loc[i] + score[j] * T.Cast("float32", v_loc[j, i])
-                                    # merge the bdz token streams of this block
-                                    for i0 in T.unroll(VEC // LV):
-                                        for i1 in T.vectorized(LV):
-                                            o_sh[tz, ty, tx * VEC + i0 * LV + i1] = o_loc[i0 * LV + i1]
-                                    md_sh[tz, ty, 0] = st[0]
-                                    md_sh[tz, ty, 1] = st[1]
-                                    T.tvm_storage_sync("shared")
-                                    st[0] = T.float32(NEG)
-                                    for j in T.serial(bdz):
-                                        st[0] = T.max(st[0], md_sh[j, ty, 0])
-                                    st[1] = T.float32(0)
-                                    for i in T.unroll(VEC):
-                                        o_loc[i] = T.float32(0)
-                                    for j in T.serial(bdz):
-                                        w: T.let[T.float32] = T.exp2(md_sh[j, ty, 0] - st[0])
-                                        st[1] = st[1] + md_sh[j, ty, 1] * w
-                                        for i in T.unroll(VEC):
-                                            o_loc[i] = o_loc[i] + o_sh[j, ty, tx * VEC + i] * w
-                                    if NS == 1:  # the whole context in one block: no partials to merge
-                                        if tz == 0:
-                                            for i0 in T.unroll(VEC // LV):
-                                                for i1 in T.vectorized(LV):
-                                                    output[bx, head, tx * VEC + i0 * LV + i1] = T.Cast(dtype, o_loc[i0 * LV + i1] / st[1])
-                                            if tx == 0:
-                                                lse[bx, head] = st[0] + T.log2(st[1])
-                                    else:
+                                                o_loc[i] = o_loc[i] + o_sh[j, ty, tx * VEC + i] * w
                                         if tz == 0:
                                             for i0 in T.unroll(VEC // LV):
                                                 for i1 in T.vectorized(LV):
                                                     part_o[bx, head, bz, tx * VEC + i0 * LV + i1] = o_loc[i0 * LV + i1] / st[1]
                                             part_lse[bx, head, bz] = st[0] + T.log2(st[1])
-                                        # the last slice of (sequence, kv head) to finish merges all of them
-                                        T.evaluate(T.cuda.func_call("awq_attn_fence", source_code=_FENCE_SOURCE, return_type="void"))
-                                        T.tvm_storage_sync("shared")
-                                        if tx == 0 and ty == 0 and tz == 0:
-                                            last[0] = T.cuda.func_call("awq_attn_arrive", bx * H_kv + by, NS,
-                                                                       source_code=_ARRIVE_SOURCE, return_type="int32")
-                                        T.tvm_storage_sync("shared")
-                                        is_last[0] = last[0]  # (a shared load cannot sit in a condition)
-                                        if is_last[0] == 1 and tz == 0:
-                                            # the other slices' partials come from L2 (ld.global.cg), not a stale L1
-                                            mx[0] = T.float32(NEG)
-                                            for j in T.serial(NS):
-                                                mx[0] = T.max(mx[0], _ldcg(T, part_lse, bx, head, j))
-                                            mx[1] = T.float32(0)
-                                            for i in T.unroll(VEC):
-                                                o_loc[i] = T.float32(0)
-                                            for j in T.serial(NS):
-                                                w2: T.let[T.float32] = T.exp2(_ldcg(T, part_lse, bx, head, j) - mx[0])
-                                                mx[1] = mx[1] + w2
-                                                for i in T.unroll(VEC):
-                                                    o_loc[i] = o_loc[i] + w2 * _ldcg(T, part_o, bx, head, j, tx * VEC + i)
-                                            for i0 in T.unroll(VEC // LV):
-                                                for i1 in T.vectorized(LV):
-                                                    output[bx, head, tx * VEC + i0 * LV + i1] = T.Cast(dtype, o_loc[i0 * LV + i1] / mx[1])
-                                            if tx == 0:
-                                                lse[bx, head] = mx[0] + T.log2(mx[1])
+            for bx in T.thread_binding(B, thread="blockIdx.x"):
+                for h in T.thread_binding(H_qo, thread="blockIdx.y"):
+                    for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                        with T.sblock("merge"):
+                            acc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                            mx = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max lse, sum of weights
+                            mx[0] = T.float32(NEG)
+                            for j in T.serial(NS):
+                                mx[0] = T.max(mx[0], part_lse[bx, h, j])
+                            mx[1] = T.float32(0)
+                            for i in T.unroll(VEC):
+                                acc[i] = T.float32(0)
+                            for j in T.serial(NS):
+                                w: T.let[T.float32] = T.exp2(part_lse[bx, h, j] - mx[0])
+                                mx[1] = mx[1] + w
+                                for i in T.unroll(VEC):
+                                    acc[i] = acc[i] + w * part_o[bx, h, j, tx * VEC + i]
+                            for i0 in T.unroll(VEC // LV):
+                                for i1 in T.vectorized(LV):
+                                    output[bx, h, tx * VEC + i0 * LV + i1] = T.Cast(dtype, acc[i0 * LV + i1] / mx[1])
+                            if tx == 0:
+                                lse[bx, h] = mx[0] + T.log2(mx[1])
 
     return batch_decode_paged_kv_split
