@@ -137,6 +137,23 @@ def check_gemv(fn, k, gen):
     return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
 
 
+def check_gemv_glu(fn, k, gen):
+    """The gated epilogue: rows interleave gate and up; y [M, N/2] = act(x @ gate^T) * (x @ up^T) in float32."""
+    N, K, G, M = k["N"], k["K"], k["G"], k["M"]
+    w, s, z = rand_kernel_tensors(N, K, G, gen)
+    x = torch.randn((M, K), device=DEV, generator=gen).half()
+    y = torch.full((M, N // 2), float("nan"), device=DEV, dtype=torch.float16)
+    fn(ffi(x), ffi(as_u32(w)), ffi(s), ffi(z), ffi(y))
+    torch.cuda.synchronize()
+    h = x.float() @ dequant(w, s, z, G).T
+    gate, up = h[:, 0::2], h[:, 1::2]
+    act = torch.nn.functional.silu(gate) if k["act"] == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    ref = act * up
+    finite = bool(torch.isfinite(y).all())
+    err = float((y.float() - ref).norm() / ref.norm()) if finite else float("nan")
+    return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
+
+
 def check_add_norm(fn, k, gen):
     """add+RMSNorm against torch float32 (sum rounded to fp16 first, as the model computes it)."""
     H, M = k["N"], k["M"]
@@ -283,7 +300,7 @@ def bench_prefill_attn(fn, k, gen):
     return {"lengths": rows}
 
 
-CHECKS = {"add_norm": check_add_norm, "decode_attn": check_decode_attn, "prefill_attn": check_prefill_attn}
+CHECKS = {"gemv_glu": check_gemv_glu, "add_norm": check_add_norm, "decode_attn": check_decode_attn, "prefill_attn": check_prefill_attn}
 
 
 def check_gemm(fn, k, gen):

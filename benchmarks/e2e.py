@@ -412,7 +412,7 @@ def _split_fused(manifest: dict, params: dict[str, np.ndarray]) -> dict[str, "np
             sd[p + "q_proj.weight"], sd[p + "k_proj.weight"], sd[p + "v_proj.weight"] = np.split(w, [nq, nq + nkv])
         elif base.endswith("gate_up_proj"):
             p = base[: -len("gate_up_proj")]
-            sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"] = np.split(w, [inter])
+            sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"] = w[0::2], w[1::2]  # rows interleaved
         else:
             sd[name] = w
     return sd

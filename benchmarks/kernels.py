@@ -105,6 +105,11 @@ def cmd_build(args) -> int:
         for label, (hq, hkv, d) in (("llama7b", (32, 32, 128)), ("smollm2", (9, 3, 64))):
             add(lib, f"attn_{lib}_{label}", decode_attention(hkv, hq, d, t), kind="decode_attn", set="fused",
                 label=label, N=hq, K=hkv, G=d, M=1, target=tname)
+        # the decode GEMV with the gated MLP epilogue (export's gate_up): 7B and SmolLM2 shapes, gelu with K split
+        for label, (N, K, G, act) in (("llama7b", (22016, 4096, 128, "silu")), ("smollm2", (3072, 576, 64, "silu")),
+                                      ("gelu_ksplit", (512, 11008, 128, "gelu_tanh"))):
+            add(lib, f"glu_{lib}_{label}", gemv_w4a16(N, K, G, t, M=1, glu=act), kind="gemv_glu", set="fused",
+                label=label, N=N, K=K, G=G, M=1, target=tname, act=act)
         if args.attention_only:
             # prefill attention: ours (both builds) and TVM's stock kernel (sm_90, the baseline it replaces)
             from tvm.relax.frontend.nn.llm.kv_cache import _attention_prefill_ragged

@@ -87,6 +87,12 @@ def _check_group(cfg: ModelConfig, where: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # weights in the module's parameter order
 
+def interleave_halves(a: np.ndarray) -> np.ndarray:
+    """Rows [g_0 .. g_n-1, u_0 .. u_n-1] -> [g_0, u_0, g_1, u_1, ...] (the fused gate_up layout)."""
+    g, u = np.split(a, 2)
+    return np.stack([g, u], axis=1).reshape(a.shape)
+
+
 class _Params:
     """Produces each parameter of the module from the checkpoint, fusing q/k/v and gate/up."""
 
@@ -128,6 +134,10 @@ class _Params:
             if any(b is None for b in biases):
                 raise UserError(f"{self.src.tensors.folder}: only some of {', '.join(hf)} have a bias")
             out["bias"] = np.concatenate(biases)
+        if leaf == "gate_up_proj":
+            # rows interleaved, gate_j then up_j: the decode GEMV's thread holds both rows of a pair and
+            # writes act(gate_j) * up_j (tvm_kernels/gemv_w4a16.py, export/model.py MLP)
+            out = {k: interleave_halves(v) for k, v in out.items()}
         return out
 
     def get(self, name: str) -> np.ndarray:

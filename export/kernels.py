@@ -134,6 +134,8 @@ def _dequant_linear(x, weight, scales, zeros, N: int, K: int, G: int):
 def _tvm_kernels_linear(target, pdl: bool):
     from tvm.relax.frontend.nn import Tensor, op
 
+    from tvm_kernels.targets import get_target
+
     try:
         from tvm_kernels.gemm_w4a16 import gemm_w4a16
         from tvm_kernels.gemv_w4a16 import gemv_w4a16
@@ -141,10 +143,11 @@ def _tvm_kernels_linear(target, pdl: bool):
         raise UserError(f"--kernels tvm_kernels: the kernels are not available ({e}); use --kernels dequant") from None
     cache: dict = {}
 
-    def kernel(N: int, K: int, G: int, decode: bool):
-        key = (N, K, G, decode)
+    def kernel(N: int, K: int, G: int, decode: bool, glu: str | None = None):
+        key = (N, K, G, decode, glu)
         if key not in cache:
-            f = gemv_w4a16(N, K, G, target, M=1, pdl=pdl) if decode else gemm_w4a16(N, K, G, target)
+            f = (gemv_w4a16(N, K, G, target, M=1, pdl=pdl, glu=glu) if decode
+                 else gemm_w4a16(N, K, G, target))
             # The builders name their PrimFunc "main"; the module gives each its own symbol.
             cache[key] = f.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
         return cache[key]
@@ -156,4 +159,17 @@ def _tvm_kernels_linear(target, pdl: bool):
         return op.tensor_ir_op(kernel(N, K, G, decode), name, [x, weight, scales, zeros],
                                Tensor.placeholder([M, N], "float16"))
 
+    def glu(x, weight, scales, zeros, N: int, K: int, G: int, activation: str):
+        """act(gate) * up straight from the decode GEMV (rows interleave gate and up: export/exporter.py),
+        or None where there is no such kernel (prefill, CPU, other activations): the model then applies
+        the activation itself."""
+        from tvm_kernels.gemv_w4a16 import GLU_ACTIVATIONS
+
+        M = x.shape[0]
+        if not (isinstance(M, int) and M == 1 and get_target(target).is_cuda and activation in GLU_ACTIVATIONS):
+            return None
+        return op.tensor_ir_op(kernel(N, K, G, True, activation), f"gemv_w4a16_{activation}_n{N}_k{K}_g{G}",
+                               [x, weight, scales, zeros], Tensor.placeholder([M, N // 2], "float16"))
+
+    linear.glu = glu
     return linear

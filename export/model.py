@@ -444,8 +444,20 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, fam.linear_bias)
 
         def forward(self, x):
-            gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-            return self.down_proj(act(gate) * up)
+            # gate_up's rows interleave gate and up (row 2j = gate_j, 2j + 1 = up_j; export/exporter.py), so
+            # the decode GEMV can apply the activation in its epilogue (one kernel fewer per layer)
+            p = self.gate_up_proj
+            fused = getattr(linear_op, "glu", None)
+            if isinstance(p, W4Linear) and p.bias is None and fused is not None:
+                *lead, K = x.shape
+                M = math.prod(lead) if all(isinstance(d, int) for d in lead) else _prod(lead)
+                h = fused(op.reshape(x, (M, K)), p.weight, p.scales, p.zeros, p.N, p.K, p.G, cfg.activation)
+                if h is not None:
+                    return self.down_proj(op.reshape(h, (*lead, cfg.intermediate_size)))
+            y = p(x)
+            pairs = op.reshape(y, (*y.shape[:-1], cfg.intermediate_size, 2))
+            gate, up = op.split(pairs, 2, axis=-1)
+            return self.down_proj(op.reshape(act(gate) * up, (*y.shape[:-1], cfg.intermediate_size)))
 
     class PlainMLP(nn.Module):
         """act(up(x)) -> down, no gate (OPT's fc1 -> relu -> fc2)."""

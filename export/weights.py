@@ -78,7 +78,8 @@ class QuantConfig:
         return {
             "method": "awq", "bits": self.bits, "group_size": self.group_size, "zero_point": self.zero_point,
             "layout": "w4a16-kernel: weight uint32 [N, K/8] (nibble j of word w = q[n, 8w+j]), "
-                      "scales/zeros float16 [N, K/G]",
+                      "scales/zeros float16 [N, K/G]; fused qkv_proj = rows of q, k, v; fused gate_up_proj = "
+                      "rows interleaved (gate_0, up_0, gate_1, up_1, ...)",
         }
 
 

@@ -29,6 +29,9 @@ _BUILD = textwrap.dedent(
         "gemv_m8_g32": gemv_w4a16(960, 352, 32, t, M=8),
         # K split over warps with a predicated tail (down_proj-like)
         "gemv_ksplit_tail": gemv_w4a16(96, 11008, 128, t, M=1, config=CudaConfig(32, 2, 4, 4, ksplit=2)),
+        # the gated MLP epilogue (act(gate) * up), one row per thread by default (SmolLM2's gate_up) and K split
+        "gemv_glu_silu": gemv_w4a16(3072, 576, 64, t, M=1, glu="silu"),
+        "gemv_glu_gelu_ksplit": gemv_w4a16(512, 11008, 128, t, M=1, glu="gelu_tanh"),
     }
     mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
     with t.tvm_target() as target:

@@ -246,7 +246,8 @@ def test_prefill_last_logits_and_weights_roundtrip(tmp_path):
     sd = model.state_dict()
     pre = "model.layers.1.mlp.gate_up_proj"
     got = dequantize_kernel_layout(w[f"{pre}.weight"], w[f"{pre}.scales"], w[f"{pre}.zeros"], GROUP)
-    want = np.concatenate([sd["model.layers.1.mlp.gate_proj.weight"].numpy(), sd["model.layers.1.mlp.up_proj.weight"].numpy()])
+    gate, up = sd["model.layers.1.mlp.gate_proj.weight"].numpy(), sd["model.layers.1.mlp.up_proj.weight"].numpy()
+    want = np.stack([gate, up], axis=1).reshape(-1, gate.shape[1])  # rows interleaved: gate_j, up_j
     np.testing.assert_allclose(got, want, atol=1e-3)
     out = run_artifact(art, PROMPT, 2, tmp_path)
     ref = reference_logits(model, PROMPT + [int(t) for t in out["tokens"]])

@@ -57,6 +57,30 @@ def test_reference_is_plain_matmul():
     np.testing.assert_allclose(reference(x, w, s16, z16, G), x @ W.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_glu_reference_and_the_interleaved_layout(activation):
+    # export interleaves gate_up's rows (gate_j, up_j); the gated GEMV's reference on that layout equals
+    # act(x @ gate^T) * (x @ up^T) computed from the two halves as the checkpoint has them
+    import torch
+
+    from export.exporter import interleave_halves
+    from tvm_kernels.gemv_w4a16 import reference_glu
+
+    rng = np.random.default_rng(5)
+    I, K, G = 24, 128, 32
+    w, s, z = random_quantized(2 * I, K, G, rng)  # rows: gate_0..gate_23, up_0..up_23
+    x = rng.standard_normal((1, K)).astype(np.float16)
+    halves = reference(x, w, s, z, G)
+    gate, up = torch.from_numpy(halves[:, :I]), torch.from_numpy(halves[:, I:])
+    act = torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
+    got = reference_glu(x, interleave_halves(w), interleave_halves(s), interleave_halves(z), G, activation)
+    np.testing.assert_allclose(got, (act * up).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="gated epilogue"):
+        gemv_w4a16(2 * I, K, G, "cpu", glu="silu")
+    with pytest.raises(UserError, match="gated epilogue"):
+        gemv_w4a16(2 * I, K, G, "cuda-sm90", glu="relu")
+
+
 @pytest.mark.parametrize("args", [(64, 100, 32, 1), (64, 256, 48, 1), (64, 256, 64, 9), (64, 256, 64, 0)])
 def test_bad_shapes_raise_user_error(args):
     N, K, G, M = args

@@ -27,6 +27,7 @@ are handled once per call; two rows per step share each activation load; rows pa
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +119,7 @@ __device__ __forceinline__ float awq_h2_sum(unsigned acc) {
 """
 
 
-def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = False):
+def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = False, glu: str | None = None):
     from tvm.script import tirx as T
 
     from tvm_kernels import pdl as P
@@ -135,6 +136,10 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = Fa
     NB = -(-N // ROWS_PER_BLOCK)
     KW, NG = K // 8, K // G
     NSHUF = TX.bit_length() - 1
+    GLU = glu is not None
+    NY = N // 2 if GLU else N  # glu: rows (2j, 2j + 1) are (gate_j, up_j) and y[:, j] = act(gate_j) * up_j
+    if glu and (R % 2 or N % 2):
+        raise UserError(f"gemv_w4a16: the gated epilogue needs an even row count per thread and N (rows={R}, N={N})")
 
     # Index helpers (plain Python, expanded by the TVMScript parser into the expressions they return).
     def chunk(o, u, ty, tx):  # the 16-byte chunk of a row this lane reads at step (o, u)
@@ -149,7 +154,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = Fa
         weight: T.Buffer((N, KW), "uint32"),
         scales: T.Buffer((N, NG), "float16"),
         zeros: T.Buffer((N, NG), "float16"),
-        y: T.Buffer((M, N), "float16"),
+        y: T.Buffer((M, NY), "float16"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xu = T.decl_buffer((M, K // 2), "uint32", data=x.data)
@@ -166,6 +171,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = Fa
                         xw = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                         xp = T.sblock_alloc_buffer((M, 4), "uint32", scope="local")
                         red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        rv = T.sblock_alloc_buffer((M, R), "float32", scope="local")  # glu: the reduced rows
                         ksum = T.sblock_alloc_buffer((KS, TY, M, R), "float32", scope="shared")
                         for m, r in T.grid(M, R):
                             acc[m, r] = T.float32(0)
@@ -222,7 +228,9 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = Fa
                                         T.tvm_warp_activemask(), red[0], T.shift_right(TX, s + 1), TX, 32
                                     )
                                 if KS == 1:
-                                    if tx == 0 and row(bx, ty, r) < N:
+                                    if GLU:
+                                        rv[m, r] = red[0]
+                                    elif tx == 0 and row(bx, ty, r) < N:
                                         y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
                                 else:
                                     if tx == 0:
@@ -236,9 +244,38 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = Fa
                                         red[0] = ksum[0, ty % TY, m, r]
                                         for kz in T.unroll(1, KS):
                                             red[0] = red[0] + ksum[kz, ty % TY, m, r]
-                                        y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
+                                        if GLU:
+                                            rv[m, r] = red[0]
+                                        else:
+                                            y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
+                        if GLU:
+                            for m in T.unroll(M):
+                                for p in T.unroll(R // 2):
+                                    if ty // TY == 0 and tx == 0 and row(bx, ty, 2 * p) < N:
+                                        y[m, row(bx, ty, 2 * p) // 2] = T.Cast(
+                                            "float16", _activation(T, glu, rv[m, 2 * p]) * rv[m, 2 * p + 1])
 
     return gemv.with_attr(P.MANUAL_ATTR, True) if pdl else gemv
+
+
+GLU_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _activation(T, name: str, g):
+    """act(gate) in float32 for the gated epilogue (the unfused path's op.silu / op.gelu(approximate="tanh"))."""
+    if name == "silu":
+        return g / (T.float32(1) + T.exp(-g))
+    return T.float32(0.5) * g * (T.float32(1) + T.tanh(T.float32(0.7978845608028654) * (g + T.float32(0.044715) * g * g * g)))
+
+
+def reference_glu(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int,
+                  activation: str) -> np.ndarray:
+    """numpy float32 act(x @ gate^T) * (x @ up^T) for weights whose rows interleave gate and up."""
+    y = reference(x, weight, scales, zeros, group_size)
+    g, u = y[:, 0::2], y[:, 1::2]
+    if activation == "silu":
+        return g / (1 + np.exp(-g)) * u
+    return 0.5 * g * (1 + np.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3))) * u
 
 
 def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
@@ -332,17 +369,23 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
 
 
 def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: CudaConfig | None = None,
-               pdl: bool = True):
+               pdl: bool = True, glu: str | None = None):
     """A scheduled TIR PrimFunc (x f16 [M, K], weight u32 [N, K/8], scales f16 [N, K/G], zeros f16 [N, K/G],
     y f16 [M, N]) for `target` (a name from tvm_kernels.targets or a DeviceTarget).
     `config` overrides the CUDA tiling (benchmarks sweep it). `pdl`: on targets that have programmatic
-    dependent launch, wait for the previous kernel after the first weight loads (tvm_kernels/pdl.py)."""
+    dependent launch, wait for the previous kernel after the first weight loads (tvm_kernels/pdl.py).
+    `glu` ("silu" / "gelu_tanh", CUDA): the rows interleave gate and up (row 2j = gate_j, 2j + 1 = up_j) and
+    the kernel writes y [M, N/2] = act(gate) * up — the MLP's activation without a kernel of its own."""
     N, K, group_size, M = int(N), int(K), int(group_size), int(M)
     _check_shape(N, K, group_size, M)
     t = get_target(target)
+    if glu is not None and (glu not in GLU_ACTIVATIONS or not t.is_cuda):
+        raise UserError(f"gemv_w4a16: gated epilogue {glu!r} on {t.name}: CUDA targets with {GLU_ACTIVATIONS} only")
     if t.is_cuda:
         cfg = config or cuda_config(N, K, M, t)
+        if glu and cfg.rows % 2:  # a thread must hold both rows of a (gate, up) pair
+            cfg = dataclasses.replace(cfg, rows=2 * cfg.rows)
         if cfg.math != "f16x2":
             raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (only f16x2; see CudaConfig)")
-        return _cuda_kernel(N, K, group_size, M, cfg, pdl=pdl and t.pdl)
+        return _cuda_kernel(N, K, group_size, M, cfg, pdl=pdl and t.pdl, glu=glu)
     return _cpu_kernel(N, K, group_size, M, t)
