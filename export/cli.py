@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA targets: do not capture decode's static regions as CUDA graphs")
     p.add_argument("--pdl", default="auto", choices=["auto", "on", "off"],
-                   help="programmatic dependent launch (sm_90+): each kernel starts while the previous one "
-                        "finishes; auto = on for models of hidden size <= 2048 (launch-bound decode), off above")
+                   help="programmatic dependent launch: each kernel starts while the previous one finishes "
+                        "(decode +5%% on a 7B, +17-20%% on SmolLM2, H100); auto = on where the target has it (sm_90+)")
     p.set_defaults(func=_export)
 
     t = sub.add_parser("targets", help="list the build targets")

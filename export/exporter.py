@@ -239,7 +239,7 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
 
     target = device_target.tvm_target()
     with target:
-        linear_op = make_linear_op(kernels, device_target, pdl) if cfg.group_size is not None else None
+        linear_op = make_linear_op(kernels, device_target) if cfg.group_size is not None else None
         lm_head_ops = make_lm_head_op(device_target) if cfg.lm_head == "int8" else None
         module, spec = build_module(cfg, linear_op, make_norm_ops(device_target),
                                     lambda rope_mode: attention_kernels(device_target, rope_mode), lm_head_ops)
@@ -273,15 +273,14 @@ def _export_library(ex, path: Path, device_target) -> None:
         check_cubin(path, device_target.arch)
 
 
-def resolve_pdl(pdl: str, dt, cfg: ModelConfig) -> bool:
-    """export --pdl auto|on|off -> whether this export launches with PDL (tvm_kernels/pdl.py)."""
-    from tvm_kernels.pdl import default_on
-
+def resolve_pdl(pdl: str, dt) -> bool:
+    """export --pdl auto|on|off -> whether this export launches with PDL (tvm_kernels/pdl.py); auto = where
+    the target has it (sm_90 and newer)."""
     if pdl not in ("auto", "on", "off"):
         raise UserError(f"--pdl {pdl!r}: expected auto, on or off")
     if pdl == "on" and not dt.pdl:
         raise UserError(f"--pdl on: target {dt.name} has no programmatic dependent launch (sm_90 and newer)")
-    return default_on(dt, cfg.hidden_size) if pdl == "auto" else pdl == "on"
+    return dt.pdl if pdl == "auto" else pdl == "on"
 
 
 def _target_manifest(dt, pdl: bool) -> dict[str, Any]:
@@ -379,7 +378,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
     tensors = SafetensorsFolder(checkpoint)
     source = _Params(cfg, arch, LinearSource(tensors, quant))
     dt = resolve_target(target)
-    use_pdl = resolve_pdl(pdl, dt, cfg)
+    use_pdl = resolve_pdl(pdl, dt)
     summary: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
@@ -433,7 +432,7 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
     _check_group(cfg, where)
     tok_files, template = tokenizer_files(tokenizer_dir) if tokenizer_dir else ([], None)
     dt = resolve_target(target)
-    use_pdl = resolve_pdl(pdl, dt, cfg)
+    use_pdl = resolve_pdl(pdl, dt)
     quant = QuantConfig(4, group_size, True) if group_size else None
     summary: dict[str, Any] = {}
 

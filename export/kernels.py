@@ -17,11 +17,10 @@ PROVIDERS = ("tvm_kernels", "dequant")
 _OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
-def make_linear_op(provider: str, target, pdl: bool = True):
-    """`pdl` False: the decode GEMV leaves out its programmatic-dependent-launch wait (export --pdl off)."""
+def make_linear_op(provider: str, target):
     if provider not in PROVIDERS:
         raise UserError(f"--kernels {provider!r}: expected one of {', '.join(PROVIDERS)}")
-    return _tvm_kernels_linear(target, pdl) if provider == "tvm_kernels" else _dequant_linear
+    return _tvm_kernels_linear(target) if provider == "tvm_kernels" else _dequant_linear
 
 
 def make_norm_ops(device_target):
@@ -131,7 +130,7 @@ def _dequant_linear(x, weight, scales, zeros, N: int, K: int, G: int):
     return op.tensor_expr_op(f, "dequant_matmul", [x, weight, scales, zeros]).astype("float16")
 
 
-def _tvm_kernels_linear(target, pdl: bool):
+def _tvm_kernels_linear(target):
     from tvm.relax.frontend.nn import Tensor, op
 
     from tvm_kernels.targets import get_target
@@ -146,8 +145,12 @@ def _tvm_kernels_linear(target, pdl: bool):
     def kernel(N: int, K: int, G: int, decode: bool, glu: str | None = None):
         key = (N, K, G, decode, glu)
         if key not in cache:
-            f = (gemv_w4a16(N, K, G, target, M=1, pdl=pdl, glu=glu) if decode
-                 else gemm_w4a16(N, K, G, target))
+            from tvm_kernels.pdl import SKIP_ATTR
+
+            # the prefill GEMM launches without PDL: its blocks (large shared memory) parked early on the
+            # SMs cost the 7B 2.3 ms of time to first token (tvm_kernels/pdl.py)
+            f = (gemv_w4a16(N, K, G, target, M=1, glu=glu) if decode
+                 else gemm_w4a16(N, K, G, target).with_attr(SKIP_ATTR, True))
             # The builders name their PrimFunc "main"; the module gives each its own symbol.
             cache[key] = f.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
         return cache[key]

@@ -119,10 +119,8 @@ __device__ __forceinline__ float awq_h2_sum(unsigned acc) {
 """
 
 
-def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = False, glu: str | None = None):
+def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | None = None):
     from tvm.script import tirx as T
-
-    from tvm_kernels import pdl as P
 
     TX, R, TY, U, KS, FW = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit, cfg.f16_words
     if FW not in (1, 2, 4):
@@ -189,11 +187,6 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = Fa
                                         zz[u, r] = (T.Cast("uint32", zeros[
                                             T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
                                             + T.uint32(0x6400)) * T.uint32(0x00010001)
-                            if pdl and o == 0:
-                                # the first weight loads (all of them for K <= 4096) are in flight while
-                                # the previous kernel finishes; the activations are its output
-                                T.evaluate(P.wait())
-                                T.evaluate(P.launch_dependents())
                             for u in T.unroll(U):
                                 if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
                                     for m, r in T.grid(M, R):
@@ -255,7 +248,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, pdl: bool = Fa
                                         y[m, row(bx, ty, 2 * p) // 2] = T.Cast(
                                             "float16", _activation(T, glu, rv[m, 2 * p]) * rv[m, 2 * p + 1])
 
-    return gemv.with_attr(P.MANUAL_ATTR, True) if pdl else gemv
+    return gemv
 
 
 GLU_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -369,11 +362,10 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
 
 
 def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: CudaConfig | None = None,
-               pdl: bool = True, glu: str | None = None):
+               glu: str | None = None):
     """A scheduled TIR PrimFunc (x f16 [M, K], weight u32 [N, K/8], scales f16 [N, K/G], zeros f16 [N, K/G],
     y f16 [M, N]) for `target` (a name from tvm_kernels.targets or a DeviceTarget).
-    `config` overrides the CUDA tiling (benchmarks sweep it). `pdl`: on targets that have programmatic
-    dependent launch, wait for the previous kernel after the first weight loads (tvm_kernels/pdl.py).
+    `config` overrides the CUDA tiling (benchmarks sweep it).
     `glu` ("silu" / "gelu_tanh", CUDA): the rows interleave gate and up (row 2j = gate_j, 2j + 1 = up_j) and
     the kernel writes y [M, N/2] = act(gate) * up — the MLP's activation without a kernel of its own."""
     N, K, group_size, M = int(N), int(K), int(group_size), int(M)
@@ -387,5 +379,5 @@ def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: Cuda
             cfg = dataclasses.replace(cfg, rows=2 * cfg.rows)
         if cfg.math != "f16x2":
             raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (only f16x2; see CudaConfig)")
-        return _cuda_kernel(N, K, group_size, M, cfg, pdl=pdl and t.pdl, glu=glu)
+        return _cuda_kernel(N, K, group_size, M, cfg, glu=glu)
     return _cpu_kernel(N, K, group_size, M, t)
