@@ -395,7 +395,7 @@ def _split_fused(manifest: dict, params: dict[str, np.ndarray]) -> dict[str, "np
     m = manifest["model"]
     g = (manifest.get("quantization") or {}).get("group_size")
     hd = m["head_dim"]
-    nq, nkv, inter = m["num_attention_heads"] * hd, m["num_key_value_heads"] * hd, m["intermediate_size"]
+    nq, nkv = m["num_attention_heads"] * hd, m["num_key_value_heads"] * hd
     sd = {}
     names = list(params)
     for name in names:

@@ -248,7 +248,6 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
         config = {"relax.backend.use_cuda_graph": bool(cuda_graph and device_target.is_cuda)}
         if device_target.is_cuda:
             from tvm_kernels.gemm_w4a16 import BUILD_CONFIG
-
             from tvm_kernels.pdl import apply_pdl
 
             config.update(BUILD_CONFIG)  # the prefill GEMM's cp.async pipeline (synchronous copies without it)

@@ -133,6 +133,7 @@ def _dequant_linear(x, weight, scales, zeros, N: int, K: int, G: int):
 def _tvm_kernels_linear(target):
     from tvm.relax.frontend.nn import Tensor, op
 
+    from tvm_kernels.pdl import SKIP_ATTR
     from tvm_kernels.targets import get_target
 
     try:
@@ -145,8 +146,6 @@ def _tvm_kernels_linear(target):
     def kernel(N: int, K: int, G: int, decode: bool, glu: str | None = None):
         key = (N, K, G, decode, glu)
         if key not in cache:
-            from tvm_kernels.pdl import SKIP_ATTR
-
             # the prefill GEMM launches without PDL: its blocks (large shared memory) parked early on the
             # SMs cost the 7B 2.3 ms of time to first token (tvm_kernels/pdl.py)
             f = (gemv_w4a16(N, K, G, target, M=1, glu=glu) if decode

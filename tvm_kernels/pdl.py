@@ -87,7 +87,8 @@ def with_pdl(func):
                         stmt.annotations, stmt.step)
 
     func = func.with_body(tvm_ffi.structural_mutate(func.body, [(tirx.For, mutate)]))
-    tags = [str(t) for t in (func.attrs.get("tirx.kernel_launch_params", None) or []) if str(t) != LAUNCH_TAG]
+    attrs = func.attrs or {}
+    tags = [str(t) for t in (attrs.get("tirx.kernel_launch_params", None) or []) if str(t) != LAUNCH_TAG]
     return func.with_attr("tirx.kernel_launch_params", [*tags, LAUNCH_TAG])
 
 
@@ -106,8 +107,9 @@ def apply_pdl(target: "str | DeviceTarget"):
             return mod
         out = mod.clone()
         for gv, func in mod.functions.items():
-            skip = isinstance(func, tirx.PrimFunc) and func.attrs is not None and bool(func.attrs.get(SKIP_ATTR, False))
-            if isinstance(func, tirx.PrimFunc) and not skip and _kernel_loops(func):
+            if not isinstance(func, tirx.PrimFunc) or bool((func.attrs or {}).get(SKIP_ATTR, False)):
+                continue
+            if _kernel_loops(func):
                 out.update_func(gv, with_pdl(func))
         return out
 
