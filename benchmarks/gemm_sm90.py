@@ -6,10 +6,10 @@
   #   PYTHONPATH=/tmp/tvmrt:.gpu/tvmrt python3 benchmarks/_device_gemm_sm90.py .gpu/gemm_sm90 $OUT
   python benchmarks/gemm_sm90.py collect DEVICE_JSON [DEVICE_JSON ...] --name gemm_sm90_h100.json
 
-In one device run, for the Llama-2-7B prefill shapes (g128) and SmolLM2's (g64) at M = 512 / 1024 / 2048: the
-kernel export uses (`dispatch`: SMALL tiles below large_threshold tokens, LARGE from there), each tile
-configuration alone, the same two with the dequantize taken out (`*raw`, wrong results: the main loop's own
-ceiling), the portable mma.sync kernel (gemm_w4a16.py with its own tiling), and cuBLAS FP16 (torch.matmul with
+In one device run, for the Llama-2-7B prefill shapes (g128) and SmolLM2's (g64) at M = 128 to 2048: the
+kernel export uses (`dispatch`: the tilings of default_tilings, TINY / SMALL / LARGE picked by M), each 7B
+tiling alone (SmolLM2: SMALL alone), SMALL and LARGE with the dequantize taken out (`*raw`, wrong results:
+the main loop's own ceiling), the portable mma.sync kernel (gemm_w4a16.py with its own tiling), and cuBLAS FP16 (torch.matmul with
 the dequantized weights). Every kernel that computes real results is first checked against a float32 torch
 reference at M = 1, 77 and 2048 (output poisoned with NaN first).
 """

@@ -163,15 +163,16 @@ def _tvm_kernels_linear(target):
 
     def glu(x, weight, scales, zeros, N: int, K: int, G: int, activation: str):
         """act(gate) * up straight from the decode GEMV (rows interleave gate and up: export/exporter.py),
-        or None where there is no such kernel (prefill, CPU, other activations): the model then applies
-        the activation itself."""
+        or None where there is no such kernel (prefill, other activations): the model then applies the
+        activation itself."""
         from tvm_kernels.gemv_w4a16 import GLU_ACTIVATIONS
 
         M = x.shape[0]
-        if not (isinstance(M, int) and M == 1 and get_target(target).is_cuda and activation in GLU_ACTIVATIONS):
+        if not (isinstance(M, int) and M == 1 and activation in GLU_ACTIVATIONS):
             return None
         return op.tensor_ir_op(kernel(N, K, G, True, activation), f"gemv_w4a16_{activation}_n{N}_k{K}_g{G}",
                                [x, weight, scales, zeros], Tensor.placeholder([M, N // 2], "float16"))
 
-    linear.glu = glu
+    if get_target(target).is_cuda:  # the CPU GEMV has no gated epilogue
+        linear.glu = glu
     return linear

@@ -282,13 +282,29 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             self.zeros = nn.Parameter((out_features, in_features // group_size), "float16")
             self.bias = nn.Parameter((out_features,), "float16") if bias else None
 
-        def forward(self, x):
+        @staticmethod
+        def _rows(x):
+            """x [..., K] -> (the leading dims, x as [M, K]): the kernels take 2-D activations."""
             *lead, K = x.shape
             M = math.prod(lead) if all(isinstance(d, int) for d in lead) else _prod(lead)
-            y = linear_op(op.reshape(x, (M, K)), self.weight, self.scales, self.zeros, self.N, self.K, self.G)
+            return lead, op.reshape(x, (M, K))
+
+        def forward(self, x):
+            lead, x2 = self._rows(x)
+            y = linear_op(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G)
             if self.bias is not None:
                 y = y + self.bias
             return op.reshape(y, (*lead, self.N))
+
+        def glu(self, x, activation: str):
+            """act(gate) * up [..., N/2] from the kernel itself when the provider has a gated kernel for this
+            call (rows interleaved gate_j, up_j: export/exporter.py); None where it has not."""
+            fused = getattr(linear_op, "glu", None)
+            if fused is None or self.bias is not None:
+                return None
+            lead, x2 = self._rows(x)
+            h = fused(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G, activation)
+            return None if h is None else op.reshape(h, (*lead, self.N // 2))
 
     class Linear(nn.Module):
         """FP16 y = x @ W^T (+ b), accumulated in float32."""
@@ -447,13 +463,9 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             # gate_up's rows interleave gate and up (row 2j = gate_j, 2j + 1 = up_j; export/exporter.py), so
             # the decode GEMV can apply the activation in its epilogue (one kernel fewer per layer)
             p = self.gate_up_proj
-            fused = getattr(linear_op, "glu", None)
-            if isinstance(p, W4Linear) and p.bias is None and fused is not None:
-                *lead, K = x.shape
-                M = math.prod(lead) if all(isinstance(d, int) for d in lead) else _prod(lead)
-                h = fused(op.reshape(x, (M, K)), p.weight, p.scales, p.zeros, p.N, p.K, p.G, cfg.activation)
-                if h is not None:
-                    return self.down_proj(op.reshape(h, (*lead, cfg.intermediate_size)))
+            h = p.glu(x, cfg.activation) if isinstance(p, W4Linear) else None
+            if h is not None:
+                return self.down_proj(h)
             y = p(x)
             pairs = op.reshape(y, (*y.shape[:-1], cfg.intermediate_size, 2))
             gate, up = op.split(pairs, 2, axis=-1)
