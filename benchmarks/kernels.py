@@ -111,6 +111,16 @@ def cmd_build(args) -> int:
                                       ("gelu_ksplit", (512, 11008, 128, "gelu_tanh"))):
             add(lib, f"glu_{lib}_{label}", gemv_w4a16(N, K, G, t, M=1, glu=act), kind="gemv_glu", set="fused",
                 label=label, N=N, K=K, G=G, M=1, target=tname, act=act)
+        # the add + RMSNorm folded into the decode GEMVs around it (export's Layer.stream): the norm prologue
+        # (qkv; gate_up with its gated epilogue) and the residual epilogue (o_proj; down with K split)
+        for label, (N, K, G, act) in (("llama7b_qkv", (12288, 4096, 128, None)), ("llama7b_gate_up", (22016, 4096, 128, "silu")),
+                                      ("smollm2_qkv", (960, 576, 64, None)), ("smollm2_gate_up", (3072, 576, 64, "silu"))):
+            add(lib, f"norm_{lib}_{label}", gemv_w4a16(N, K, G, t, M=1, glu=act, norm_eps=1e-5), kind="gemv_norm",
+                set="fused", label=label, N=N, K=K, G=G, M=1, target=tname, act=act)
+        for label, (N, K, G) in (("llama7b_o", (4096, 4096, 128)), ("llama7b_down", (4096, 11008, 128)),
+                                 ("smollm2_down", (576, 1536, 64))):
+            add(lib, f"res_{lib}_{label}", gemv_w4a16(N, K, G, t, M=1, residual=True), kind="gemv_res",
+                set="fused", label=label, N=N, K=K, G=G, M=1, target=tname)
         if args.attention_only:
             # prefill attention: ours (both builds) and TVM's stock kernel (sm_90, the baseline it replaces)
             from tvm.relax.frontend.nn.llm.kv_cache import _attention_prefill_ragged

@@ -143,12 +143,13 @@ def _tvm_kernels_linear(target):
         raise UserError(f"--kernels tvm_kernels: the kernels are not available ({e}); use --kernels dequant") from None
     cache: dict = {}
 
-    def kernel(N: int, K: int, G: int, decode: bool, glu: str | None = None):
-        key = (N, K, G, decode, glu)
+    def kernel(N: int, K: int, G: int, decode: bool, glu: str | None = None, norm_eps: float | None = None,
+               residual: bool = False):
+        key = (N, K, G, decode, glu, norm_eps, residual)
         if key not in cache:
             # the prefill GEMM launches without PDL: its blocks (large shared memory) parked early on the
             # SMs cost the 7B 2.3 ms of time to first token (tvm_kernels/pdl.py)
-            f = (gemv_w4a16(N, K, G, target, M=1, glu=glu) if decode
+            f = (gemv_w4a16(N, K, G, target, M=1, glu=glu, norm_eps=norm_eps, residual=residual) if decode
                  else gemm_w4a16(N, K, G, target).with_attr(SKIP_ATTR, True))
             # The builders name their PrimFunc "main"; the module gives each its own symbol.
             cache[key] = f.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
@@ -161,18 +162,24 @@ def _tvm_kernels_linear(target):
         return op.tensor_ir_op(kernel(N, K, G, decode), name, [x, weight, scales, zeros],
                                Tensor.placeholder([M, N], "float16"))
 
-    def glu(x, weight, scales, zeros, N: int, K: int, G: int, activation: str):
-        """act(gate) * up straight from the decode GEMV (rows interleave gate and up: export/exporter.py),
-        or None where there is no such kernel (prefill, other activations): the model then applies the
-        activation itself."""
+    def decode(x, weight, scales, zeros, N: int, K: int, G: int, *, glu: str | None = None, norm=None, residual=None):
+        """The decode GEMV with its neighbours inside, or None where there is no such kernel (prefill, other
+        activations): the model then runs them as ops of their own.
+        `glu`: act(gate) * up, rows interleaved gate and up (export/exporter.py); `norm` = (gamma, eps): x is
+        the residual stream, normalized in the kernel; `residual`: a tensor [1, N] added to the output."""
         from tvm_kernels.gemv_w4a16 import GLU_ACTIVATIONS
 
         M = x.shape[0]
-        if not (isinstance(M, int) and M == 1 and activation in GLU_ACTIVATIONS):
+        if not (isinstance(M, int) and M == 1) or (glu is not None and glu not in GLU_ACTIVATIONS):
             return None
-        return op.tensor_ir_op(kernel(N, K, G, True, activation), f"gemv_w4a16_{activation}_n{N}_k{K}_g{G}",
-                               [x, weight, scales, zeros], Tensor.placeholder([M, N // 2], "float16"))
+        gamma, eps = norm if norm is not None else (None, None)
+        args = [x, weight, scales, zeros] + ([gamma] if norm is not None else []) + (
+            [residual] if residual is not None else [])
+        name = "gemv_w4a16" + "".join(f"_{p}" for p, on in (("norm", norm is not None), (glu, glu is not None),
+                                                            ("add", residual is not None)) if on)
+        return op.tensor_ir_op(kernel(N, K, G, True, glu, eps, residual is not None), f"{name}_n{N}_k{K}_g{G}",
+                               args, Tensor.placeholder([M, N // 2 if glu else N], "float16"))
 
-    if get_target(target).is_cuda:  # the CPU GEMV has no gated epilogue
-        linear.glu = glu
+    if get_target(target).is_cuda:  # the CPU GEMV has none of these epilogues and prologues
+        linear.decode = decode
     return linear

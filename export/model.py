@@ -253,6 +253,14 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
 # ----------------------------------------------------------------------------------------------
 # The nn.Module. tvm is imported lazily so that `awq-edge --help` stays fast.
 
+# Decode folds each add + RMSNorm into the GEMVs around it (Layer.stream) up to this hidden size. Every block
+# of the norm-prologue GEMV reads all of x and gamma and normalizes before its first multiply; measured side by
+# side on the H100 (benchmarks/results/norm_fusion_ab_h100.json): SmolLM2 (576) decode x1.00-1.08, one
+# launch fewer per norm; the 7B (4096, 1536-2752 blocks) x0.98, and x0.95-0.99 with blocks looping over
+# several row tiles to normalize once, so it keeps the norm kernels.
+FUSED_NORMS_MAX_HIDDEN = 2048
+
+
 def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable],
                  attention_kernels: Callable | None = None, lm_head_ops: tuple[Callable, Callable] | None = None):
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
@@ -296,15 +304,21 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                 y = y + self.bias
             return op.reshape(y, (*lead, self.N))
 
-        def glu(self, x, activation: str):
-            """act(gate) * up [..., N/2] from the kernel itself when the provider has a gated kernel for this
-            call (rows interleaved gate_j, up_j: export/exporter.py); None where it has not."""
-            fused = getattr(linear_op, "glu", None)
-            if fused is None or self.bias is not None:
-                return None
+        def decode(self, x, *, glu: str | None = None, norm=None, residual=None):
+            """The provider's decode GEMV with its neighbours inside (export.kernels: `glu` act(gate) * up over
+            rows interleaved gate_j, up_j; `norm` = (gamma, eps) on x; `residual` added to y), or None where it
+            has no such kernel for this call."""
+            fused = getattr(linear_op, "decode", None)
+            if fused is None or (self.bias is not None and (glu is not None or residual is not None)):
+                return None  # a bias belongs before the activation and the residual add
             lead, x2 = self._rows(x)
-            h = fused(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G, activation)
-            return None if h is None else op.reshape(h, (*lead, self.N // 2))
+            r2 = None if residual is None else self._rows(residual)[1]
+            h = fused(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G, glu=glu, norm=norm, residual=r2)
+            if h is None:
+                return None
+            if self.bias is not None:
+                h = h + self.bias
+            return op.reshape(h, (*lead, self.N // 2 if glu else self.N))
 
     class Linear(nn.Module):
         """FP16 y = x @ W^T (+ b), accumulated in float32."""
@@ -438,8 +452,12 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                 self.q_norm, self.k_norm = norm(D), norm(D)
 
         def forward(self, x, kv, layer_id: int, positions):
-            b, s, _ = x.shape
-            qkv = op.reshape(self.qkv_proj(x), (b, s, H + 2 * KV, D))
+            return self.o_proj(self.attend(self.qkv_proj(x), kv, layer_id, positions))
+
+        def attend(self, qkv, kv, layer_id: int, positions):
+            """[b, s, (H + 2 KV) D] projections -> [b, s, H D] attention output (before o_proj)."""
+            b, s, _ = qkv.shape
+            qkv = op.reshape(qkv, (b, s, H + 2 * KV, D))
             if fam.qk_norm:
                 q, k, v = op.split(qkv, [H, H + KV], axis=2)
                 qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
@@ -447,7 +465,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                 qkv = rope(qkv, positions, *cfg.layer_rope(layer_id))
             scale = cfg.attention_scale if cfg.attention_scale is not None else D ** -0.5
             out = kv.attention_with_fused_qkv(layer_id, qkv, H, sm_scale=scale)
-            return self.o_proj(op.reshape(out, (b, s, H * D)))
+            return op.reshape(out, (b, s, H * D))
 
     def act(x):
         if cfg.activation == "gelu_tanh":
@@ -463,13 +481,24 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             # gate_up's rows interleave gate and up (row 2j = gate_j, 2j + 1 = up_j; export/exporter.py), so
             # the decode GEMV can apply the activation in its epilogue (one kernel fewer per layer)
             p = self.gate_up_proj
-            h = p.glu(x, cfg.activation) if isinstance(p, W4Linear) else None
-            if h is not None:
-                return self.down_proj(h)
-            y = p(x)
+            h = p.decode(x, glu=cfg.activation) if isinstance(p, W4Linear) else None
+            return self.down_proj(self.gated(p(x)) if h is None else h)
+
+        def stream(self, s, norm_weight):
+            """Decode on the residual stream s: s + mlp(norm(s)), the norm inside gate_up's GEMV and the add
+            inside down's (Layer.stream)."""
+            norm = (norm_weight, cfg.rms_norm_eps)
+            h = self.gate_up_proj.decode(s, norm=norm, glu=cfg.activation)
+            if h is None:  # an activation without a gated epilogue
+                h = self.gated(self.gate_up_proj.decode(s, norm=norm))
+            return self.down_proj.decode(h, residual=s)
+
+        @staticmethod
+        def gated(y):
+            """act(gate) * up of the interleaved projections."""
             pairs = op.reshape(y, (*y.shape[:-1], cfg.intermediate_size, 2))
             gate, up = op.split(pairs, 2, axis=-1)
-            return self.down_proj(op.reshape(act(gate) * up, (*y.shape[:-1], cfg.intermediate_size)))
+            return op.reshape(act(gate) * up, (*y.shape[:-1], cfg.intermediate_size))
 
     class PlainMLP(nn.Module):
         """act(up(x)) -> down, no gate (OPT's fc1 -> relu -> fc2)."""
@@ -497,6 +526,15 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             h, residual = self.post_attention_layernorm.add(self.self_attn(h, kv, layer_id, positions), residual)
             return next_norm.add(self.mlp(h), residual)
 
+        def stream(self, s, kv, layer_id: int, positions=None):
+            """Decode (one token) on the residual stream s, returning the next: each add + RMSNorm runs inside
+            the GEMVs around it (the norm as qkv's and gate_up's prologue, the add as o_proj's and down's
+            epilogue), two kernels fewer per layer. Decoder.forward checks `fused_decode` first."""
+            attn = self.self_attn
+            qkv = attn.qkv_proj.decode(s, norm=(self.input_layernorm.weight, cfg.rms_norm_eps))
+            s = attn.o_proj.decode(attn.attend(qkv, kv, layer_id, positions), residual=s)
+            return self.mlp.stream(s, self.post_attention_layernorm.weight)
+
     class SandwichLayer(nn.Module):
         """Gemma3's block: the attention and MLP outputs are normed too before each residual add."""
 
@@ -515,6 +553,16 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             return next_norm.add(self.post_feedforward_layernorm(self.mlp(h)), residual)
 
     layer = SandwichLayer if fam.sandwich_norms else Layer
+
+    def fused_decode(x) -> bool:
+        """Whether this forward is one token of a pre-norm RMSNorm model whose W4 provider fuses the norms
+        into the decode GEMVs (Layer.stream), and small enough to gain from it; other families, targets and
+        sizes keep the norm kernels."""
+        b, s, _ = x.shape
+        return (cfg.group_size is not None and getattr(linear_op, "decode", None) is not None
+                and cfg.hidden_size <= FUSED_NORMS_MAX_HIDDEN
+                and layer is Layer and fam.norm == "rms" and fam.gated_mlp and not fam.linear_bias
+                and not fam.qk_norm and isinstance(b, int) and isinstance(s, int) and b * s == 1)
 
     class Decoder(nn.Module):
         def __init__(self):
@@ -536,6 +584,10 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                 pos = op.take(self.embed_positions.weight, positions + fam.position_offset, axis=0)
                 x = x + op.reshape(pos, x.shape)
             layers = list(self.layers)
+            if fused_decode(x):
+                for i, layer_ in enumerate(layers):
+                    x = layer_.stream(x, kv, i, positions)
+                return self.norm(x)
             h, residual = layers[0].input_layernorm(x), x
             for i, layer_ in enumerate(layers):
                 nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm

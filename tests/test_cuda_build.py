@@ -32,6 +32,10 @@ _BUILD = textwrap.dedent(
         # the gated MLP epilogue (act(gate) * up), one row per thread by default (SmolLM2's gate_up) and K split
         "gemv_glu_silu": gemv_w4a16(3072, 576, 64, t, M=1, glu="silu"),
         "gemv_glu_gelu_ksplit": gemv_w4a16(512, 11008, 128, t, M=1, glu="gelu_tanh"),
+        # the norm prologue (alone, with the gated epilogue) and the residual epilogue (K split)
+        "gemv_norm": gemv_w4a16(960, 576, 64, t, M=1, norm_eps=1e-5),
+        "gemv_norm_glu": gemv_w4a16(3072, 576, 64, t, M=1, glu="silu", norm_eps=1e-6),
+        "gemv_residual_ksplit": gemv_w4a16(4096, 11008, 128, t, M=1, residual=True),
     }
     mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
     with t.tvm_target() as target:

@@ -81,6 +81,33 @@ def test_glu_reference_and_the_interleaved_layout(activation):
         gemv_w4a16(2 * I, K, G, "cuda-sm90", glu="relu")
 
 
+def test_norm_prologue_feeds_what_the_norm_kernel_writes():
+    # the decode GEMV's norm prologue replaces the add + RMSNorm kernel between two linears: its activations
+    # are that kernel's output (tvm_kernels/fused_ops.reference, rounded to fp16 as the kernel stores it)
+    from tvm_kernels import fused_ops
+    from tvm_kernels.gemv_w4a16 import reference_norm
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((3, 576)) * 5).astype(np.float16)
+    gamma = (1 + 0.3 * rng.standard_normal(576)).astype(np.float16)
+    want = fused_ops.reference(x, None, gamma, 1e-5)[0].astype(np.float16)
+    np.testing.assert_array_equal(reference_norm(x, gamma, 1e-5), want)
+
+
+def test_fused_neighbours_signatures_and_errors():
+    # norm prologue: gamma after zeros; residual epilogue: r before y; CUDA only
+    def names(f):
+        return [p.name for p in f.params]
+
+    assert names(gemv_w4a16(960, 576, 64, "cuda-sm90", norm_eps=1e-5)) == ["x", "weight", "scales", "zeros", "gamma", "y"]
+    assert names(gemv_w4a16(576, 1536, 64, "cuda-sm90", residual=True)) == ["x", "weight", "scales", "zeros", "r_in", "y"]
+    assert names(gemv_w4a16(576, 1536, 64, "cuda-sm90")) == ["x", "weight", "scales", "zeros", "y"]
+    with pytest.raises(UserError, match="CUDA kernels; target cpu"):
+        gemv_w4a16(960, 576, 64, "cpu", norm_eps=1e-5)
+    with pytest.raises(UserError, match="do not combine"):
+        gemv_w4a16(960, 576, 64, "cuda-sm90", glu="silu", residual=True)
+
+
 @pytest.mark.parametrize("args", [(64, 100, 32, 1), (64, 256, 48, 1), (64, 256, 64, 9), (64, 256, 64, 0)])
 def test_bad_shapes_raise_user_error(args):
     N, K, G, M = args

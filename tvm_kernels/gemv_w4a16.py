@@ -119,7 +119,16 @@ __device__ __forceinline__ float awq_h2_sum(unsigned acc) {
 """
 
 
-def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | None = None):
+_PACK_SOURCE = r"""
+__device__ __forceinline__ unsigned awq_pack_h2(float a, float b) {
+  half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+"""
+
+
+def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | None = None,
+                 norm_eps: float | None = None, residual: bool = False):
     from tvm.script import tirx as T
 
     TX, R, TY, U, KS, FW = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit, cfg.f16_words
@@ -138,6 +147,27 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
     NY = N // 2 if GLU else N  # glu: rows (2j, 2j + 1) are (gate_j, up_j) and y[:, j] = act(gate_j) * up_j
     if glu and (R % 2 or N % 2):
         raise UserError(f"gemv_w4a16: the gated epilogue needs an even row count per thread and N (rows={R}, N={N})")
+    NORM, RES = norm_eps is not None, residual
+    if NORM and (TY * KS * TX) % 32:
+        raise UserError(f"gemv_w4a16: the norm prologue reduces over whole warps; {TY * KS * TX} threads per block")
+    if RES and GLU:
+        raise UserError("gemv_w4a16: the residual epilogue and the gated epilogue do not combine")
+    THREADS = TY * KS * TX
+    # norm: the block's threads normalize x (8 halves each per step) into shared memory before the main loop
+    NSTEP = -(-(K // 8) // THREADS)
+    NWARP = -(-THREADS // 32)
+    KX = K // 2 if NORM else 1  # shared words of the normalized x (none without the prologue)
+    inv_k, eps = T.float32(1.0 / K), T.float32(norm_eps or 0.0)
+
+    def tid(ty, tx):
+        return ty * TX + tx
+
+    def xword(xu, xs, m, idx):  # a 32-bit pair of activations: normalized in shared memory, or x itself
+        return xs[m, idx] if NORM else xu[m, idx]
+
+    def out(y_acc, r_in, m, n):  # the stored value: fp16(acc), plus the residual as the unfused add did (in fp16)
+        v = T.Cast("float16", y_acc)
+        return v + r_in[m, n] if RES else v
 
     # Index helpers (plain Python, expanded by the TVMScript parser into the expressions they return).
     def chunk(o, u, ty, tx):  # the 16-byte chunk of a row this lane reads at step (o, u)
@@ -146,12 +176,25 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
     def row(bx, ty, r):  # the output row; loads clamp it to N - 1 and the store skips it past N
         return (bx * TY + ty % TY) * R + r
 
+    @T.macro
+    def load_step(o, bx, ty, tx, weight, scales, zeros, wv, sc, zz):  # this lane's weights, scales, zeros of step o
+        for u in T.unroll(U):
+            for r in T.unroll(R):
+                if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
+                    for v in T.vectorized(4):
+                        wv[u, r, v] = weight[T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) * 4 + v]
+                    sc[u, r] = T.Cast("float32", scales[T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
+                    zz[u, r] = (T.Cast("uint32", zeros[T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
+                                + T.uint32(0x6400)) * T.uint32(0x00010001)
+
     @T.prim_func(s_tir=True)
     def gemv(
         x: T.Buffer((M, K), "float16"),
         weight: T.Buffer((N, KW), "uint32"),
         scales: T.Buffer((N, NG), "float16"),
         zeros: T.Buffer((N, NG), "float16"),
+        gamma: T.Buffer((K,), "float16"),  # norm: the RMSNorm weight (unused otherwise; dropped below)
+        r_in: T.Buffer((M, N), "float16"),  # residual: added to y (unused otherwise; dropped below)
         y: T.Buffer((M, NY), "float16"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -171,22 +214,51 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                         red = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         rv = T.sblock_alloc_buffer((M, R), "float32", scope="local")  # glu: the reduced rows
                         ksum = T.sblock_alloc_buffer((KS, TY, M, R), "float32", scope="shared")
+                        xs = T.sblock_alloc_buffer((M, KX), "uint32", scope="shared")
+                        if NORM:
+                            # RMSNorm of x, as tvm_kernels/fused_ops computes it (fp32 statistics, fp16(x * r * w)),
+                            # by every block: x is small and read from L2, a kernel launch is saved. The weights of
+                            # the first step are requested first, so their latency overlaps this work.
+                            xv = T.sblock_alloc_buffer((M, NSTEP, 8), "float16", scope="local")
+                            gv = T.sblock_alloc_buffer((8,), "float16", scope="local")
+                            ss = T.sblock_alloc_buffer((M,), "float32", scope="local")
+                            wsum = T.sblock_alloc_buffer((NWARP, M), "float32", scope="shared")
+                            load_step(0, bx, ty, tx, weight, scales, zeros, wv, sc, zz)
+                            for m in T.unroll(M):
+                                ss[m] = T.float32(0)
+                                for i in T.unroll(NSTEP):
+                                    if i * THREADS + tid(ty, tx) < K // 8:
+                                        for v in T.vectorized(8):
+                                            xv[m, i, v] = x[m, (i * THREADS + tid(ty, tx)) * 8 + v]
+                                        for v in T.unroll(8):
+                                            ss[m] = ss[m] + T.Cast("float32", xv[m, i, v]) * T.Cast("float32", xv[m, i, v])
+                                for s in T.unroll(5):
+                                    ss[m] = ss[m] + T.tvm_warp_shuffle_xor(
+                                        T.tvm_warp_activemask(), ss[m], T.shift_right(32, s + 1), 32, 32)
+                                if tid(ty, tx) % 32 == 0:
+                                    wsum[tid(ty, tx) // 32, m] = ss[m]
+                            T.tvm_storage_sync("shared")
+                            for m in T.unroll(M):
+                                ss[m] = wsum[0, m]
+                                for w in T.unroll(1, NWARP):
+                                    ss[m] = ss[m] + wsum[w, m]
+                                ss[m] = T.rsqrt(ss[m] * inv_k + eps)
+                                for i in T.unroll(NSTEP):
+                                    if i * THREADS + tid(ty, tx) < K // 8:
+                                        for v in T.vectorized(8):
+                                            gv[v] = gamma[(i * THREADS + tid(ty, tx)) * 8 + v]
+                                        for e in T.unroll(4):
+                                            xs[m, (i * THREADS + tid(ty, tx)) * 4 + e] = T.cuda.func_call(
+                                                "awq_pack_h2",
+                                                T.Cast("float32", xv[m, i, 2 * e]) * ss[m] * T.Cast("float32", gv[2 * e]),
+                                                T.Cast("float32", xv[m, i, 2 * e + 1]) * ss[m] * T.Cast("float32", gv[2 * e + 1]),
+                                                source_code=_PACK_SOURCE, return_type="uint32")
+                            T.tvm_storage_sync("shared")
                         for m, r in T.grid(M, R):
                             acc[m, r] = T.float32(0)
                         for o in T.serial(OUTER):
-                            for u in T.unroll(U):
-                                for r in T.unroll(R):
-                                    if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
-                                        for v in T.vectorized(4):
-                                            wv[u, r, v] = weight[
-                                                T.min(row(bx, ty, r), N - 1),
-                                                chunk(o, u, ty, tx) * 4 + v,
-                                            ]
-                                        sc[u, r] = T.Cast("float32", scales[
-                                            T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
-                                        zz[u, r] = (T.Cast("uint32", zeros[
-                                            T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
-                                            + T.uint32(0x6400)) * T.uint32(0x00010001)
+                            if (not NORM) or o > 0:  # the norm prologue issued step 0's loads first
+                                load_step(o, bx, ty, tx, weight, scales, zeros, wv, sc, zz)
                             for u in T.unroll(U):
                                 if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
                                     for m, r in T.grid(M, R):
@@ -195,7 +267,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                     for j in T.unroll(4):
                                         for m in T.unroll(M):
                                             for v in T.vectorized(4):
-                                                xw[v] = xu[m, chunk(o, u, ty, tx) * 16 + j * 4 + v]
+                                                xw[v] = xword(xu, xs, m, chunk(o, u, ty, tx) * 16 + j * 4 + v)
                                             for jj in T.unroll(4):
                                                 xp[m, jj] = T.call_pure_extern(
                                                     "uint32", "__byte_perm", xw[jj // 2], xw[jj // 2 + 2],
@@ -224,7 +296,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                     if GLU:
                                         rv[m, r] = red[0]
                                     elif tx == 0 and row(bx, ty, r) < N:
-                                        y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
+                                        y[m, row(bx, ty, r)] = out(red[0], r_in, m, row(bx, ty, r))
                                 else:
                                     if tx == 0:
                                         ksum[ty // TY, ty % TY, m, r] = red[0]
@@ -240,7 +312,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                         if GLU:
                                             rv[m, r] = red[0]
                                         else:
-                                            y[m, row(bx, ty, r)] = T.Cast("float16", red[0])
+                                            y[m, row(bx, ty, r)] = out(red[0], r_in, m, row(bx, ty, r))
                         if GLU:
                             for m in T.unroll(M):
                                 for p in T.unroll(R // 2):
@@ -248,7 +320,16 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                         y[m, row(bx, ty, 2 * p) // 2] = T.Cast(
                                             "float16", _activation(T, glu, rv[m, 2 * p]) * rv[m, 2 * p + 1])
 
-    return gemv
+    return _drop_params(gemv, {"gamma": NORM, "r_in": RES})
+
+
+def _drop_params(func, keep: dict[str, bool]):
+    """`func` without the buffer parameters whose name maps to False (the body must not use them): one
+    TVMScript body serves every variant, each PrimFunc takes only the inputs it reads."""
+    from tvm import tirx
+
+    params = [p for p in func.params if keep.get(p.name, True)]
+    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
 GLU_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -259,6 +340,13 @@ def _activation(T, name: str, g):
     if name == "silu":
         return g / (T.float32(1) + T.exp(-g))
     return T.float32(0.5) * g * (T.float32(1) + T.tanh(T.float32(0.7978845608028654) * (g + T.float32(0.044715) * g * g * g)))
+
+
+def reference_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    """numpy: the activations the norm prologue feeds the GEMV, fp16(x * rsqrt(mean(x^2) + eps) * gamma)."""
+    x32 = np.asarray(x, np.float16).astype(np.float32)
+    r = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(eps))
+    return (x32 * r * np.asarray(gamma, np.float16).astype(np.float32)).astype(np.float16)
 
 
 def reference_glu(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int,
@@ -362,22 +450,27 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
 
 
 def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: CudaConfig | None = None,
-               glu: str | None = None):
+               glu: str | None = None, norm_eps: float | None = None, residual: bool = False):
     """A scheduled TIR PrimFunc (x f16 [M, K], weight u32 [N, K/8], scales f16 [N, K/G], zeros f16 [N, K/G],
     y f16 [M, N]) for `target` (a name from tvm_kernels.targets or a DeviceTarget).
     `config` overrides the CUDA tiling (benchmarks sweep it).
     `glu` ("silu" / "gelu_tanh", CUDA): the rows interleave gate and up (row 2j = gate_j, 2j + 1 = up_j) and
-    the kernel writes y [M, N/2] = act(gate) * up — the MLP's activation without a kernel of its own."""
+    the kernel writes y [M, N/2] = act(gate) * up — the MLP's activation without a kernel of its own.
+    Decode's other neighbours, also CUDA only, so that the add + RMSNorm between two linears needs no kernel:
+    `norm_eps`: x is the residual stream and the kernel multiplies rms_norm(x) * gamma (a parameter after
+    zeros, f16 [K]); `residual`: y = fp16(x @ W^T) + r (a parameter r f16 [M, N] before y), the residual add."""
     N, K, group_size, M = int(N), int(K), int(group_size), int(M)
     _check_shape(N, K, group_size, M)
     t = get_target(target)
     if glu is not None and (glu not in GLU_ACTIVATIONS or not t.is_cuda):
         raise UserError(f"gemv_w4a16: gated epilogue {glu!r} on {t.name}: CUDA targets with {GLU_ACTIVATIONS} only")
+    if (norm_eps is not None or residual) and not t.is_cuda:
+        raise UserError(f"gemv_w4a16: the norm prologue and the residual epilogue are CUDA kernels; target {t.name}")
     if t.is_cuda:
         cfg = config or cuda_config(N, K, M, t)
         if glu and cfg.rows % 2:  # a thread must hold both rows of a (gate, up) pair
             cfg = dataclasses.replace(cfg, rows=2 * cfg.rows)
         if cfg.math != "f16x2":
             raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (only f16x2; see CudaConfig)")
-        return _cuda_kernel(N, K, group_size, M, cfg, glu=glu)
+        return _cuda_kernel(N, K, group_size, M, cfg, glu=glu, norm_eps=norm_eps, residual=residual)
     return _cpu_kernel(N, K, group_size, M, t)
