@@ -67,9 +67,6 @@ def _sweep_configs():
     out = [(1, C(32, r, ty, u, ksplit=ks)) for r, ty, u, ks in
             ((2, 4, 4, 1), (4, 4, 2, 1), (2, 4, 2, 2), (2, 4, 4, 2), (1, 8, 4, 1), (2, 8, 4, 1), (4, 2, 4, 1),
              (2, 2, 4, 1), (2, 4, 2, 1), (2, 4, 1, 1), (2, 4, 1, 2), (2, 4, 1, 4), (1, 4, 4, 2), (2, 8, 2, 1))]
-    # blocks looping over row tiles: a grid that fits the GPU in one wave (no part-empty last wave)
-    out += [(1, C(32, r, ty, u, ksplit=ks, tiles=nt)) for r, ty, u, ks, nt in
-            ((2, 4, 4, 1, 2), (2, 4, 4, 1, 3), (2, 4, 4, 1, 4), (4, 2, 4, 1, 2), (2, 4, 2, 2, 2), (2, 4, 4, 1, 8))]
     for M in (4, 8):
         out += [(M, C(32, r, ty, u)) for r, ty, u in ((4, 4, 2), (8, 4, 2), (4, 2, 2), (8, 2, 1))]
     return out

@@ -61,7 +61,6 @@ class CudaConfig:
     ty: int  # thread rows per block
     unroll: int  # 16-byte chunks per lane per loop step (loads in flight)
     ksplit: int = 1  # warps splitting K for the same rows (more loads in flight when K is long), summed in shared memory
-    tiles: int = 1  # row tiles per block, one after another (a grid that fits the GPU in one wave)
     # "f16x2" is the one math path. An fp32 path (q | 0x4B000000 as float = 2^23 + q, exact q - z, FFMA) was
     # measured side by side on the H100 and removed: instruction-bound at ~1.8 TB/s (benchmarks/results).
     math: str = "f16x2"
@@ -141,9 +140,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
     OUTER = -(-ITERS // U)
     K_TAIL = OUTER * U * TX * KS != CH
     ROWS_PER_BLOCK = TY * R
-    NB = -(-N // ROWS_PER_BLOCK)  # tiles of rows
-    NT = cfg.tiles
-    NBLK = -(-NB // NT)  # blocks: block bx takes tiles bx, bx + NBLK, ...
+    NB = -(-N // ROWS_PER_BLOCK)
     KW, NG = K // 8, K // G
     NSHUF = TX.bit_length() - 1
     GLU = glu is not None
@@ -202,7 +199,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xu = T.decl_buffer((M, K // 2), "uint32", data=x.data)
-        for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
+        for bx in T.thread_binding(NB, thread="blockIdx.x"):
             for ty in T.thread_binding(TY * KS, thread="threadIdx.y"):
                 for tx in T.thread_binding(TX, thread="threadIdx.x"):
                     with T.sblock("gemv"):
@@ -257,75 +254,71 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                                 T.Cast("float32", xv[m, i, 2 * e + 1]) * ss[m] * T.Cast("float32", gv[2 * e + 1]),
                                                 source_code=_PACK_SOURCE, return_type="uint32")
                             T.tvm_storage_sync("shared")
-                        for t in T.serial(NT):
-                            if NT == 1 or t * NBLK + bx < NB:
-                                for m, r in T.grid(M, R):
-                                    acc[m, r] = T.float32(0)
-                                for o in T.serial(OUTER):
-                                    if (not NORM) or o > 0 or t > 0:  # the norm prologue issued the first tile's first loads
-                                        load_step(o, t * NBLK + bx, ty, tx, weight, scales, zeros, wv, sc, zz)
-                                    for u in T.unroll(U):
-                                        if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
+                        for m, r in T.grid(M, R):
+                            acc[m, r] = T.float32(0)
+                        for o in T.serial(OUTER):
+                            if (not NORM) or o > 0:  # the norm prologue issued step 0's loads first
+                                load_step(o, bx, ty, tx, weight, scales, zeros, wv, sc, zz)
+                            for u in T.unroll(U):
+                                if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
+                                    for m, r in T.grid(M, R):
+                                        part[m, r] = T.float32(0)
+                                        h[m, r] = T.uint32(0)
+                                    for j in T.unroll(4):
+                                        for m in T.unroll(M):
+                                            for v in T.vectorized(4):
+                                                xw[v] = xword(xu, xs, m, chunk(o, u, ty, tx) * 16 + j * 4 + v)
+                                            for jj in T.unroll(4):
+                                                xp[m, jj] = T.call_pure_extern(
+                                                    "uint32", "__byte_perm", xw[jj // 2], xw[jj // 2 + 2],
+                                                    T.if_then_else(jj % 2 == 0, T.uint32(0x5410), T.uint32(0x7632)),
+                                                )
+                                            for r in T.unroll(R):
+                                                h[m, r] = T.cuda.func_call(
+                                                    "awq_w4_fma8", wv[u, r, j], xp[m, 0], xp[m, 1], xp[m, 2], xp[m, 3],
+                                                    zz[u, r], h[m, r], source_code=_H2_SOURCE, return_type="uint32",
+                                                )
+                                        if (j + 1) % FW == 0:
                                             for m, r in T.grid(M, R):
-                                                part[m, r] = T.float32(0)
+                                                part[m, r] = part[m, r] + T.cuda.func_call(
+                                                    "awq_h2_sum", h[m, r], source_code=_H2SUM_SOURCE, return_type="float32")
                                                 h[m, r] = T.uint32(0)
-                                            for j in T.unroll(4):
-                                                for m in T.unroll(M):
-                                                    for v in T.vectorized(4):
-                                                        xw[v] = xword(xu, xs, m, chunk(o, u, ty, tx) * 16 + j * 4 + v)
-                                                    for jj in T.unroll(4):
-                                                        xp[m, jj] = T.call_pure_extern(
-                                                            "uint32", "__byte_perm", xw[jj // 2], xw[jj // 2 + 2],
-                                                            T.if_then_else(jj % 2 == 0, T.uint32(0x5410), T.uint32(0x7632)),
-                                                        )
-                                                    for r in T.unroll(R):
-                                                        h[m, r] = T.cuda.func_call(
-                                                            "awq_w4_fma8", wv[u, r, j], xp[m, 0], xp[m, 1], xp[m, 2], xp[m, 3],
-                                                            zz[u, r], h[m, r], source_code=_H2_SOURCE, return_type="uint32",
-                                                        )
-                                                if (j + 1) % FW == 0:
-                                                    for m, r in T.grid(M, R):
-                                                        part[m, r] = part[m, r] + T.cuda.func_call(
-                                                            "awq_h2_sum", h[m, r], source_code=_H2SUM_SOURCE, return_type="float32")
-                                                        h[m, r] = T.uint32(0)
-                                            for m, r in T.grid(M, R):
-                                                acc[m, r] = acc[m, r] + part[m, r] * sc[u, r]
-                                for m in T.unroll(M):
-                                    for r in T.unroll(R):
-                                        red[0] = acc[m, r]
-                                        for s in T.unroll(NSHUF):
-                                            red[0] = red[0] + T.tvm_warp_shuffle_xor(
-                                                T.tvm_warp_activemask(), red[0], T.shift_right(TX, s + 1), TX, 32
-                                            )
-                                        if KS == 1:
-                                            if GLU:
-                                                rv[m, r] = red[0]
-                                            elif tx == 0 and row(t * NBLK + bx, ty, r) < N:
-                                                y[m, row(t * NBLK + bx, ty, r)] = out(red[0], r_in, m, row(t * NBLK + bx, ty, r))
+                                    for m, r in T.grid(M, R):
+                                        acc[m, r] = acc[m, r] + part[m, r] * sc[u, r]
+                        for m in T.unroll(M):
+                            for r in T.unroll(R):
+                                red[0] = acc[m, r]
+                                for s in T.unroll(NSHUF):
+                                    red[0] = red[0] + T.tvm_warp_shuffle_xor(
+                                        T.tvm_warp_activemask(), red[0], T.shift_right(TX, s + 1), TX, 32
+                                    )
+                                if KS == 1:
+                                    if GLU:
+                                        rv[m, r] = red[0]
+                                    elif tx == 0 and row(bx, ty, r) < N:
+                                        y[m, row(bx, ty, r)] = out(red[0], r_in, m, row(bx, ty, r))
+                                else:
+                                    if tx == 0:
+                                        ksum[ty // TY, ty % TY, m, r] = red[0]
+                        if KS > 1:
+                            # the K slices of one row live in different warps: combine through shared memory
+                            T.tvm_storage_sync("shared")
+                            for m in T.unroll(M):
+                                for r in T.unroll(R):
+                                    if ty // TY == 0 and tx == 0 and row(bx, ty, r) < N:
+                                        red[0] = ksum[0, ty % TY, m, r]
+                                        for kz in T.unroll(1, KS):
+                                            red[0] = red[0] + ksum[kz, ty % TY, m, r]
+                                        if GLU:
+                                            rv[m, r] = red[0]
                                         else:
-                                            if tx == 0:
-                                                ksum[ty // TY, ty % TY, m, r] = red[0]
-                                if KS > 1:
-                                    # the K slices of one row live in different warps: combine through shared memory
-                                    T.tvm_storage_sync("shared")
-                                    for m in T.unroll(M):
-                                        for r in T.unroll(R):
-                                            if ty // TY == 0 and tx == 0 and row(t * NBLK + bx, ty, r) < N:
-                                                red[0] = ksum[0, ty % TY, m, r]
-                                                for kz in T.unroll(1, KS):
-                                                    red[0] = red[0] + ksum[kz, ty % TY, m, r]
-                                                if GLU:
-                                                    rv[m, r] = red[0]
-                                                else:
-                                                    y[m, row(t * NBLK + bx, ty, r)] = out(red[0], r_in, m, row(t * NBLK + bx, ty, r))
-                                if GLU:
-                                    for m in T.unroll(M):
-                                        for p in T.unroll(R // 2):
-                                            if ty // TY == 0 and tx == 0 and row(t * NBLK + bx, ty, 2 * p) < N:
-                                                y[m, row(t * NBLK + bx, ty, 2 * p) // 2] = T.Cast(
-                                                    "float16", _activation(T, glu, rv[m, 2 * p]) * rv[m, 2 * p + 1])
-                                if KS > 1 and NT > 1:  # ksum is reused by the next tile
-                                    T.tvm_storage_sync("shared")
+                                            y[m, row(bx, ty, r)] = out(red[0], r_in, m, row(bx, ty, r))
+                        if GLU:
+                            for m in T.unroll(M):
+                                for p in T.unroll(R // 2):
+                                    if ty // TY == 0 and tx == 0 and row(bx, ty, 2 * p) < N:
+                                        y[m, row(bx, ty, 2 * p) // 2] = T.Cast(
+                                            "float16", _activation(T, glu, rv[m, 2 * p]) * rv[m, 2 * p + 1])
 
     return _drop_params(gemv, {"gamma": NORM, "r_in": RES})
 
