@@ -18,6 +18,10 @@ Why this shape of kernel (CUDA; one TIR schedule, tiled by `cuda_config` from th
   warps (one shared-memory combine): more independent loads in flight per row.
 - Odd shapes stay in this kernel: rows past N are clamped for loading and skipped at the store;
   chunks past K/32 are predicated off.
+- Decode's small neighbours can live inside it, since at batch 1 a launch costs as much as the op: the
+  gated MLP's act(gate) * up (epilogue), the residual add (epilogue) and the RMSNorm of the residual
+  stream (prologue: every block normalizes x into shared memory, its first weight loads already issued).
+  The prologue's cost grows with the block count; export uses it for small models only (export/model.py).
 
 CPU (llvm): compute-bound on one core (hot or cold weights run at the same speed on a 2-core x86), so
 the inner step is counted in vector instructions: 8 consecutive words of a row are one vector, nibble j
