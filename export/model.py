@@ -255,8 +255,8 @@ def config_from_hf(hf: dict[str, Any], where: str, *, group_size: int | None, co
 
 # Decode folds each add + RMSNorm into the GEMVs around it (Layer.stream) up to this hidden size. Every block
 # of the norm-prologue GEMV reads all of x and gamma and normalizes before its first multiply; measured side by
-# side on the H100 (benchmarks/results/norm_fusion_ab_h100.json): SmolLM2 (576) decode x1.00-1.08, one
-# launch fewer per norm; the 7B (4096, 1536-2752 blocks) x0.98, and x0.95-0.99 with blocks looping over
+# side on the H100 (benchmarks/results/norm_fusion_ab_h100.json): SmolLM2 (576) decode x1.05-1.06 over 10
+# rounds, one launch fewer per norm; the 7B (4096, 1536-2752 blocks) x0.98, and x0.95-0.99 with blocks looping over
 # several row tiles to normalize once, so it keeps the norm kernels.
 FUSED_NORMS_MAX_HIDDEN = 2048
 
