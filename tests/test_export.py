@@ -394,3 +394,38 @@ def test_missing_cross_compiler_and_nvcc(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and tool in lines[0], proc.stderr
         assert not out.exists()
+
+
+_FUSED_NORMS = """
+import sys
+from tvm_kernels.cuda_env import prepare_cuda_build
+if sys.argv[1] != "cpu":
+    prepare_cuda_build()
+from export.kernels import attention_kernels, make_linear_op, make_norm_ops
+from export.model import build_module, config_from_hf
+from tvm_kernels.targets import get_target
+H = int(sys.argv[2])
+hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": H, "intermediate_size": 256, "num_hidden_layers": 1,
+      "num_attention_heads": H // 64, "num_key_value_heads": H // 192, "vocab_size": 256, "max_position_embeddings": 64}
+dt = get_target(sys.argv[1])
+with dt.tvm_target():
+    module, spec = build_module(config_from_hf(hf, "config.json", group_size=64), make_linear_op("tvm_kernels", dt),
+                                make_norm_ops(dt), lambda mode: attention_kernels(dt, mode))
+    mod, _ = module.export_tvm(spec=spec)
+print(sorted(gv.name_hint for gv in mod.get_global_vars() if "norm" in gv.name_hint))
+"""
+
+
+@pytest.mark.parametrize("target,hidden,fused", [("cuda-sm90", 576, True), ("cuda-sm90", 2112, False), ("cpu", 576, False)])
+def test_decode_fuses_the_norms_for_small_cuda_models(target, hidden, fused):
+    # export/model.py Layer.stream: on CUDA, models up to FUSED_NORMS_MAX_HIDDEN decode with each add + RMSNorm
+    # inside the GEMVs (the norm-prologue GEMV exists); larger ones and the CPU keep only the norm kernels
+    from export.model import FUSED_NORMS_MAX_HIDDEN
+
+    assert 576 <= FUSED_NORMS_MAX_HIDDEN < 2112
+    proc = subprocess.run([sys.executable, "-c", _FUSED_NORMS, target, str(hidden)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = proc.stdout.strip().splitlines()[-1]
+    assert ("gemv_w4a16_norm" in names) is fused, names
+    assert "add_rms_norm" in names  # prefill's
