@@ -137,56 +137,33 @@ def check_gemv(fn, k, gen):
     return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
 
 
-def check_gemv_glu(fn, k, gen):
-    """The gated epilogue: rows interleave gate and up; y [M, N/2] = act(x @ gate^T) * (x @ up^T) in float32."""
+def check_gemv_variant(fn, k, gen):
+    """The decode GEMV with its neighbours inside (kinds gemv_glu / gemv_norm / gemv_res) against torch float32:
+    gemv_norm: x is the residual stream, normalized with gamma (rounded to fp16, as the norm kernel writes it);
+    `act`: rows interleave gate and up, y [M, N/2] = act(gate) * up; gemv_res: y = fp16(x @ W^T) + r (the add
+    in fp16, as the unfused model did)."""
     N, K, G, M = k["N"], k["K"], k["G"], k["M"]
+    norm, res, act = k["kind"] == "gemv_norm", k["kind"] == "gemv_res", k.get("act")
     w, s, z = rand_kernel_tensors(N, K, G, gen)
-    x = torch.randn((M, K), device=DEV, generator=gen).half()
-    y = torch.full((M, N // 2), float("nan"), device=DEV, dtype=torch.float16)
-    fn(ffi(x), ffi(as_u32(w)), ffi(s), ffi(z), ffi(y))
-    torch.cuda.synchronize()
-    h = x.float() @ dequant(w, s, z, G).T
-    gate, up = h[:, 0::2], h[:, 1::2]
-    act = torch.nn.functional.silu(gate) if k["act"] == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")
-    ref = act * up
-    finite = bool(torch.isfinite(y).all())
-    err = float((y.float() - ref).norm() / ref.norm()) if finite else float("nan")
-    return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
-
-
-def check_gemv_norm(fn, k, gen):
-    """The norm prologue: x is the residual stream; y = rms_norm(x) * gamma (rounded to fp16, as the norm kernel
-    writes it) @ W^T, or act(gate) * up of that with the gated epilogue, against torch float32."""
-    N, K, G, M = k["N"], k["K"], k["G"], k["M"]
-    w, s, z = rand_kernel_tensors(N, K, G, gen)
-    x = (torch.randn((M, K), device=DEV, generator=gen) * 4).half()
-    gamma = (1 + 0.3 * torch.randn((K,), device=DEV, generator=gen)).half()
-    y = torch.full((M, N // 2 if k.get("act") else N), float("nan"), device=DEV, dtype=torch.float16)
-    fn(ffi(x), ffi(as_u32(w)), ffi(s), ffi(z), ffi(gamma), ffi(y))
-    torch.cuda.synchronize()
-    xf = x.float()
-    xn = (xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + 1e-5) * gamma.float()).half().float()
-    ref = xn @ dequant(w, s, z, G).T
-    if k.get("act"):
+    x = (torch.randn((M, K), device=DEV, generator=gen) * (4 if norm else 1)).half()
+    args, h = [ffi(x), ffi(as_u32(w)), ffi(s), ffi(z)], x.float()
+    if norm:
+        gamma = (1 + 0.3 * torch.randn((K,), device=DEV, generator=gen)).half()
+        args.append(ffi(gamma))
+        h = (h * torch.rsqrt((h * h).mean(-1, keepdim=True) + 1e-5) * gamma.float()).half().float()
+    ref = h @ dequant(w, s, z, G).T
+    if act:
         gate, up = ref[:, 0::2], ref[:, 1::2]
-        ref = torch.nn.functional.silu(gate) * up
+        ref = (torch.nn.functional.silu(gate) if act == "silu" else torch.nn.functional.gelu(gate, approximate="tanh")) * up
+    if res:
+        r = (torch.randn((M, N), device=DEV, generator=gen) * 8).half()
+        args.append(ffi(r))
+        ref = (ref.half() + r).float()
+    y = torch.full((M, N // 2 if act else N), float("nan"), device=DEV, dtype=torch.float16)
+    fn(*args, ffi(y))
+    torch.cuda.synchronize()
     finite = bool(torch.isfinite(y).all())
     err = float((y.float() - ref).norm() / ref.norm()) if finite else float("nan")
-    return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
-
-
-def check_gemv_res(fn, k, gen):
-    """The residual epilogue: y = fp16(x @ W^T) + r, the add done in fp16 as the unfused model did."""
-    N, K, G, M = k["N"], k["K"], k["G"], k["M"]
-    w, s, z = rand_kernel_tensors(N, K, G, gen)
-    x = torch.randn((M, K), device=DEV, generator=gen).half()
-    r = (torch.randn((M, N), device=DEV, generator=gen) * 8).half()
-    y = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
-    fn(ffi(x), ffi(as_u32(w)), ffi(s), ffi(z), ffi(r), ffi(y))
-    torch.cuda.synchronize()
-    ref = (x.float() @ dequant(w, s, z, G).T).half() + r
-    finite = bool(torch.isfinite(y).all())
-    err = float((y.float() - ref.float()).norm() / ref.float().norm()) if finite else float("nan")
     return {"rel_err": err, "all_written": finite, "ok": finite and err < TOL}
 
 
@@ -336,7 +313,7 @@ def bench_prefill_attn(fn, k, gen):
     return {"lengths": rows}
 
 
-CHECKS = {"gemv_glu": check_gemv_glu, "gemv_norm": check_gemv_norm, "gemv_res": check_gemv_res, "add_norm": check_add_norm, "decode_attn": check_decode_attn, "prefill_attn": check_prefill_attn}
+CHECKS = {"gemv_glu": check_gemv_variant, "gemv_norm": check_gemv_variant, "gemv_res": check_gemv_variant, "add_norm": check_add_norm, "decode_attn": check_decode_attn, "prefill_attn": check_prefill_attn}
 
 
 def check_gemm(fn, k, gen):
