@@ -92,6 +92,15 @@ def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
     # 6 steps -> unroll 2, measured 13.2 us against 15.9 us at unroll 4 on the H100)
     unroll = min((u for u in (4, 2, 1) if u <= (4 if M == 1 else 2)), key=lambda u: (-(-iters // u) * u - iters, -u))
     unroll = min(unroll, iters)
+    if M == 1 and chunks >= 64 and rows == 2:
+        # long rows (K >= 2048) at batch 1, from three H100 sweeps that agree (gemv_sweep_tiles_h100.json,
+        # pdl_ab_h100.json): a grid of >= 8 blocks per SM runs best with four rows per thread in 64-thread
+        # blocks (7B qkv 12.0 us against 12.7); a smaller one with K over (at least) two warps and one chunk
+        # per step, more blocks' loads in flight (o_proj 5.8 against 6.1, down_proj 12.5 against 12.9)
+        if -(-N // (ty * rows)) >= 8 * max(target.num_sms, 1):
+            rows, ty = 4, ty // 2
+        else:
+            ksplit, unroll = max(ksplit, 2), 1
     return CudaConfig(tx=tx, rows=rows, ty=ty, unroll=unroll, ksplit=ksplit, math="f16x2", f16_words=1)
 
 
