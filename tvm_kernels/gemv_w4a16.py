@@ -74,7 +74,8 @@ class CudaConfig:
 def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
     """Tiling from the shape and the target (SM count), chosen from H100 sweeps (benchmarks/kernels.py):
     half2 math (the fp32 path is instruction-bound at ~1.8 TB/s), two rows per thread at M = 1 and four
-    when several activation rows share each weight load, K split over two warps for long rows."""
+    when several activation rows share each weight load, K split over two warps for long rows; at M = 1
+    with K >= 2048, four rows per thread for large grids and a K split for small ones (see the end)."""
     chunks = K // 32
     tx = 32
     while tx > 4 and tx > chunks:
