@@ -92,6 +92,10 @@ def test_norm_prologue_feeds_what_the_norm_kernel_writes():
     gamma = (1 + 0.3 * rng.standard_normal(576)).astype(np.float16)
     want = fused_ops.reference(x, None, gamma, 1e-5)[0].astype(np.float16)
     np.testing.assert_array_equal(reference_norm(x, gamma, 1e-5), want)
+    # and that is RMSNorm: float64 x / rms(x) * gamma within fp16 rounding
+    x64 = x.astype(np.float64)
+    rms = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5) * gamma.astype(np.float64)
+    np.testing.assert_allclose(reference_norm(x, gamma, 1e-5).astype(np.float64), rms, rtol=1e-3, atol=1e-3)
 
 
 def test_fused_neighbours_signatures_and_errors():

@@ -607,8 +607,7 @@ def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | Cpu
     _check_shape(N, K, group_size)
     t = get_target(target)
     if t.is_cuda:
-        sm = int((t.arch or "sm_0").removeprefix("sm_").rstrip("a") or 0)
-        if sm < 80:
+        if t.sm < 80:
             raise UserError(f"gemm_w4a16: target {t.name} ({t.arch}) lacks sm_80 tensor cores")
         _check_tvm_ffi()
         from tvm_kernels import gemm_w4a16_sm90 as sm90

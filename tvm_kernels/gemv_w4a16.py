@@ -357,10 +357,11 @@ def _activation(T, name: str, g):
 
 
 def reference_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
-    """numpy: the activations the norm prologue feeds the GEMV, fp16(x * rsqrt(mean(x^2) + eps) * gamma)."""
-    x32 = np.asarray(x, np.float16).astype(np.float32)
-    r = 1.0 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(eps))
-    return (x32 * r * np.asarray(gamma, np.float16).astype(np.float32)).astype(np.float16)
+    """numpy: the activations the norm prologue feeds the GEMV, fp16(x * rsqrt(mean(x^2) + eps) * gamma): what
+    the norm kernel it replaces writes (tvm_kernels/fused_ops.reference, rounded to fp16 as stored)."""
+    from tvm_kernels.fused_ops import reference as norm_reference
+
+    return norm_reference(x, None, gamma, eps)[0].astype(np.float16)
 
 
 def reference_glu(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int,

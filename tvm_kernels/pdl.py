@@ -17,8 +17,10 @@ Measured on the H100, same exports side by side (benchmarks/results/pdl_ab_h100.
 - decode: 7B W4 +5% (128 to 2048-token contexts), SmolLM2 +17-20%;
 - the prefill GEMMs are skipped: launched early, their blocks (up to ~200 KB of shared memory each) wait
   on SMs and the 7B's time to first token grew by 2.3 ms at 128 and 512 tokens; skipped, it is unchanged;
-- the GEMV waits at its start like the rest: issuing its weight loads before the wait (the obvious
-  idea, they depend on nothing) made the GEMV ~30% slower and the 7B's decode 1-4% slower instead.
+- the GEMV waits at its start like the rest: starting its weight traffic before the wait (the obvious
+  idea, the weights depend on nothing) was slower every way it was tried: its loads hoisted (GEMV ~30%
+  slower, 7B decode 1-4% slower; rebuilt with the main loop untouched, 7B x0.92) or an L2 prefetch of its
+  block's weights (7B x0.90-0.92).
 Targets before sm_90 have no griddepcontrol and get nothing (`DeviceTarget.pdl`).
 """
 from __future__ import annotations
