@@ -11,6 +11,9 @@ Subcommands
                  random weights, and HF transformers eager FP16 generate on the same shapes, in one run
   device-check   on the GPU machine, a later call: reassemble the real SmolLM2 AWQ weights, check the
                  hashes, greedy tokens vs torch on the same dequantized weights, WikiText-2 perplexity
+  device-graph   on the GPU machine: the same artifact with and without its decode-step CUDA graph
+                 (runtime/cuda_graph.py), random weights: logits of every step compared, a second turn
+                 that reuses the cache, a reset
   collect        here: merge the device JSON files into benchmarks/results/e2e_gpu.json
 
 Every JSON records the device, git commit and the exact command. Figures are measured in one process
@@ -356,14 +359,22 @@ def cmd_device_speed(args) -> int:
     return 0
 
 
+def _engine_ab(name: str):
+    """NAME or NAME:nograph (the artifact under .gpu/h5 without its decode-step graph)."""
+    from runtime.engine import Engine
+
+    folder, _, flag = name.partition(":")
+    return Engine(GPU_DIR / folder, device="cuda", verify=False, synthesize_weights=True,
+                  cuda_graph=False if flag == "nograph" else None)
+
+
 def cmd_device_ab(args) -> int:
     """Artifacts of ours side by side: all loaded at once, then `rounds` alternating rounds of each."""
     import torch  # noqa: F401  (loads libcudart.so.13 from torch's wheels before the TVM runtime)
 
     from runtime.bench import bench_one
-    from runtime.engine import Engine
 
-    engines = {n: Engine(GPU_DIR / n, device="cuda", verify=False, synthesize_weights=True) for n in args.artifacts}
+    engines = {n: _engine_ab(n) for n in args.artifacts}
     for eng in engines.values():
         bench_one(eng, 16, 8)  # warm-up: kernels loaded, CUDA graphs captured, allocator filled
     rounds = []
@@ -386,6 +397,50 @@ def cmd_device_ab(args) -> int:
     (out / "e2e_gpu_ab.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report["decode_ratio_vs_first"], indent=1))
     return 0
+
+
+def cmd_device_graph(args) -> int:
+    """Each artifact twice (same random weights): decode steps replayed from the step graph against plain VM
+    calls. Every step's logits are compared; a second turn extends the cache, a reset starts over."""
+    import torch  # noqa: F401  (loads libcudart.so.13 from torch's wheels before the TVM runtime)
+
+    from runtime.bench import _random_prompt
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = header({"device": _device_info(), "runs": []})
+    ok = True
+    for name in args.artifacts:
+        plain, graph = _engine_ab(name + ":nograph"), _engine_ab(name)
+        assert graph.graph is not None, f"{name}: not a decode-step artifact"
+        row: dict = {"artifact": name, "turns": []}
+        prompt = _random_prompt(plain, args.prompt_tokens, 1)
+        for turn, (extra, reset) in enumerate(((0, False), (37, False), (0, True))):
+            ids = prompt if turn == 0 else (row["history"] + _random_prompt(plain, extra, 2 + turn) if extra else prompt)
+            if reset:
+                plain.reset(), graph.reset()
+            diffs, same = [], True
+            lp, lg = plain.prefill(ids), graph.prefill(ids)
+            hist = list(ids)
+            for _ in range(args.steps):
+                tok = int(np.argmax(lp))
+                same &= tok == int(np.argmax(lg))
+                hist.append(tok)
+                lp, lg = plain.decode(tok), graph.decode(tok)
+                diffs.append(float(np.abs(lp - lg).max()))
+            row["history"] = hist
+            row["turns"].append({"prompt_tokens": len(ids), "cached_before": None if reset else "kept",
+                                 "steps": args.steps, "greedy_equal": bool(same), "max_abs_logit_diff": max(diffs),
+                                 "steps_bitwise_equal": int(sum(d == 0 for d in diffs))})
+            ok &= same
+            print(name, row["turns"][-1], flush=True)
+        row["graph_counts"] = dict(graph.graph.counts)
+        del row["history"]
+        report["runs"].append(row)
+        del plain, graph
+        gc.collect()
+    (out_dir / "e2e_gpu_graph.json").write_text(json.dumps(report, indent=2))
+    return 0 if ok else 1
 
 
 def _split_fused(manifest: dict, params: dict[str, np.ndarray]) -> dict[str, "np.ndarray"]:
@@ -568,6 +623,12 @@ def main(argv=None) -> int:
     b.add_argument("--gen-tokens", type=int, default=256)
     b.add_argument("--rounds", type=int, default=3)
     b.set_defaults(func=cmd_device_ab)
+    gr = sub.add_parser("device-graph")
+    gr.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    gr.add_argument("--artifacts", nargs="+", default=["smollm2-awq", "llama7b-w4"])
+    gr.add_argument("--prompt-tokens", type=int, default=100)
+    gr.add_argument("--steps", type=int, default=120)
+    gr.set_defaults(func=cmd_device_graph)
     w = sub.add_parser("pack-weights")
     w.add_argument("--part-a-mb", type=int, default=45)
     w.set_defaults(func=cmd_pack_weights)

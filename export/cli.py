@@ -27,8 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm-head", default="fp16", choices=["fp16", "int8"],
                    help="lm_head weights: fp16 (default, as AutoAWQ) or weight-only int8 with fp16 scales per "
                         "row and 32 columns (CPU targets; a tied embedding table shares it)")
-    p.add_argument("--no-cuda-graph", action="store_true",
-                   help="CUDA targets: do not capture decode's static regions as CUDA graphs")
+    p.add_argument("--cuda-graph", default="auto", choices=["auto", "step", "regions", "off"],
+                   help="CUDA targets: how decode replays from CUDA graphs: step = the runtime captures each whole "
+                        "decode step (one launch per token), regions = TVM's graphs of the stretches between KV-cache "
+                        "calls, off; auto = step unless the model has sliding-window layers (then regions)")
     p.add_argument("--pdl", default="auto", choices=["auto", "on", "off"],
                    help="programmatic dependent launch: each kernel starts while the previous one finishes "
                         "(decode +5%% on a 7B, +17-20%% on SmolLM2, H100); auto = on where the target has it (sm_90+)")
@@ -53,7 +55,7 @@ def _export(args) -> int:
     shard = SHARD_BYTES if args.shard_size is None else max(1, int(args.shard_size * 2**30))
     summary = export_checkpoint(args.checkpoint, args.target, args.out, force=args.force,
                                 context_length=args.context_length, prefill_chunk=args.prefill_chunk,
-                                kernels=args.kernels, cuda_graph=not args.no_cuda_graph, shard_bytes=shard,
+                                kernels=args.kernels, cuda_graph=args.cuda_graph, shard_bytes=shard,
                                 lm_head=args.lm_head, pdl=args.pdl)
     mb = summary["artifact_bytes"] / 2**20
     print(f"wrote {summary['out']} ({summary['target']}, {'AWQ' if summary['quantized'] else 'FP16'}): "

@@ -228,9 +228,10 @@ def write_sharded_params(folder: Path, params: list[dict[str, Any]], get: Callab
 # ---------------------------------------------------------------------------------------------
 # build
 
-def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: bool, pdl: bool):
+def build_library(cfg: ModelConfig, device_target, kernels: str, graph_mode: str | None, pdl: bool):
     """Compile the module; returns (executable, params list [{name, shape, dtype}]). `pdl`: kernels launch
-    with programmatic dependent launch (tvm_kernels/pdl.py; `resolve_pdl` gives the value)."""
+    with programmatic dependent launch (tvm_kernels/pdl.py; `resolve_pdl` gives the value); `graph_mode`
+    from cuda_graph_mode (only "regions" changes the build)."""
     import tvm
     from tvm import relax
 
@@ -245,7 +246,7 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, cuda_graph: boo
                                     lambda rope_mode: attention_kernels(device_target, rope_mode), lm_head_ops)
         mod, named = module.export_tvm(spec=spec)
         params = [{"name": n, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for n, p in named]
-        config = {"relax.backend.use_cuda_graph": bool(cuda_graph and device_target.is_cuda)}
+        config = {"relax.backend.use_cuda_graph": graph_mode == "regions"}
         if device_target.is_cuda:
             from tvm_kernels.gemm_w4a16 import BUILD_CONFIG
             from tvm_kernels.pdl import apply_pdl
@@ -288,12 +289,39 @@ def _target_manifest(dt, pdl: bool) -> dict[str, Any]:
             "programmatic_dependent_launch": pdl}
 
 
-def _cuda_graph_manifest(dt, on: bool) -> dict[str, Any]:
+CUDA_GRAPH_MODES = ("auto", "step", "regions", "off")
+
+
+def cuda_graph_mode(cfg: ModelConfig, dt, requested: str = "auto") -> str | None:
+    """export --cuda-graph -> how decode is replayed from CUDA graphs: "decode-step" (the runtime captures the
+    whole step, runtime/cuda_graph.py), "regions" (TVM's relax.backend.use_cuda_graph: the static stretches
+    between KV-cache calls) or None. auto = decode-step where the runtime can key a step graph by the
+    number of pages the sequence spans (no sliding-window layers, whose window page tables move by
+    other rules), else regions. The two exclude each other: a graph launch inside a capture is refused."""
+    if requested not in CUDA_GRAPH_MODES:
+        raise UserError(f"--cuda-graph {requested!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
+    if not dt.is_cuda or requested == "off":
+        return None
+    sliding = any(cfg.sliding_layers())
+    if requested == "step" and sliding:
+        raise UserError("--cuda-graph step: the model has sliding-window layers, whose page tables a step "
+                        "graph cannot follow; use auto or regions")
+    if requested == "regions" or sliding:
+        return "regions"
+    return "decode-step"
+
+
+def _cuda_graph_manifest(dt, mode: str | None) -> dict[str, Any]:
     if not dt.is_cuda:
-        return {"capturable": False, "why": "CPU target: no CUDA graphs"}
-    if not on:
-        return {"capturable": False, "why": "exported with --no-cuda-graph"}
-    return {"capturable": True,
+        return {"capturable": False, "mode": None, "why": "CPU target: no CUDA graphs"}
+    if mode is None:
+        return {"capturable": False, "mode": None, "why": "exported with --cuda-graph off"}
+    if mode == "decode-step":
+        return {"capturable": True, "mode": mode,
+                "why": "the runtime captures each decode step (embed + decode, the KV cache's attention calls "
+                       "included) as one CUDA graph and replays it with one launch, re-captured when the "
+                       "sequence enters a new KV-cache page (runtime/cuda_graph.py)"}
+    return {"capturable": True, "mode": mode,
             "why": "built with relax.backend.use_cuda_graph: the VM captures the static-shape regions of "
                    "decode between paged-KV-cache calls into CUDA graphs on the first call and replays them "
                    "(vm.builtin.cuda_graph.run_or_capture); the attention calls themselves run outside the graphs"}
@@ -350,7 +378,7 @@ def _kv_manifest(cfg: ModelConfig) -> dict[str, Any]:
 
 def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool = False,
                       context_length: int | None = None, prefill_chunk: int | None = None,
-                      kernels: str = "tvm_kernels", cuda_graph: bool = True,
+                      kernels: str = "tvm_kernels", cuda_graph: str = "auto",
                       shard_bytes: int = SHARD_BYTES, lm_head: str = "fp16", pdl: str = "auto") -> dict[str, Any]:
     """Export an AWQ GEMM or FP16 Hugging Face checkpoint folder. Returns a summary (times, sizes).
     The weights go to one params.safetensors, or to shards of at most `shard_bytes` of data each.
@@ -378,11 +406,12 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
     source = _Params(cfg, arch, LinearSource(tensors, quant))
     dt = resolve_target(target)
     use_pdl = resolve_pdl(pdl, dt)
+    graph_mode = cuda_graph_mode(cfg, dt, cuda_graph)
     summary: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
         t1 = time.perf_counter()
-        ex, params = build_library(cfg, dt, kernels, cuda_graph, use_pdl)
+        ex, params = build_library(cfg, dt, kernels, graph_mode, use_pdl)
         _export_library(ex, tmp / LIBRARY, dt)
         t2 = time.perf_counter()
         files = write_sharded_params(tmp, params, source.get, shard_bytes)
@@ -395,7 +424,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
             tokenizer={"files": [f.name for f in tok_files], "chat_template": template,
                        "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids},
             quantization=quant.as_manifest() if quant else None, tvm_version=_tvm_version(),
-            cuda_graph=_cuda_graph_manifest(dt, cuda_graph),
+            cuda_graph=_cuda_graph_manifest(dt, graph_mode),
             created_by=_created_by({"kernels": kernels if quant else "fp16 (dlight default schedules)",
                                     "lm_head": lm_head}),
         )
@@ -413,7 +442,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
 
 def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_size: int | None = None,
                   force: bool = False, context_length: int | None = None, prefill_chunk: int | None = None,
-                  kernels: str = "tvm_kernels", cuda_graph: bool = True,
+                  kernels: str = "tvm_kernels", cuda_graph: str = "auto",
                   tokenizer_dir: Path | None = None, pdl: str = "auto") -> dict[str, Any]:
     """Export from a transformers config dict alone: the library and a manifest whose params have
     `"file": null`, for a benchmark to fill with random weights in the kernel layout (W4 linears:
@@ -432,11 +461,12 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
     tok_files, template = tokenizer_files(tokenizer_dir) if tokenizer_dir else ([], None)
     dt = resolve_target(target)
     use_pdl = resolve_pdl(pdl, dt)
+    graph_mode = cuda_graph_mode(cfg, dt, cuda_graph)
     quant = QuantConfig(4, group_size, True) if group_size else None
     summary: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
-        ex, params = build_library(cfg, dt, kernels, cuda_graph, use_pdl)
+        ex, params = build_library(cfg, dt, kernels, graph_mode, use_pdl)
         _export_library(ex, tmp / LIBRARY, dt)
         for p in params:
             p["file"] = None
@@ -448,7 +478,7 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
             tokenizer={"files": [f.name for f in tok_files], "chat_template": template,
                        "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids},
             quantization=quant.as_manifest() if quant else None, tvm_version=_tvm_version(),
-            cuda_graph=_cuda_graph_manifest(dt, cuda_graph),
+            cuda_graph=_cuda_graph_manifest(dt, graph_mode),
             created_by=_created_by({"kernels": kernels if quant else "fp16 (dlight default schedules)",
                                     "weights": "none (synthesize from the manifest)"}),
         )

@@ -96,6 +96,7 @@ def run_bench(engine: Engine, prompt_lengths=(128, 512, 2048), gen_tokens: int =
         "quantization": engine.manifest.quantization,
         "device": engine.device_name,
         "cuda_graph": engine.manifest.cuda_graph,
+        "decode_step_graph": dict(engine.graph.counts) if engine.graph is not None else None,
         "results": rows,
         "skipped": skipped,
         "weight_bytes_per_token": weight_bytes_per_token(engine),

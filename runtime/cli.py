@@ -24,6 +24,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="artifact folder written by `awq-edge export`")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    p.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
+                   help="replay each decode step from one CUDA graph (auto: where the artifact allows it)")
+
+
+GRAPH_CHOICE = {"auto": None, "on": True, "off": False}
 
 
 def sampling_from_args(args):
@@ -36,7 +41,8 @@ def sampling_from_args(args):
 def _engine(args, **kw):
     from runtime.engine import Engine
 
-    return Engine(args.artifact, device=args.device, verify=not args.no_verify, **kw)
+    return Engine(args.artifact, device=args.device, verify=not args.no_verify,
+                  cuda_graph=GRAPH_CHOICE[args.cuda_graph], **kw)
 
 
 def cmd_run(args) -> int:
@@ -86,7 +92,8 @@ def bench_artifacts(args) -> list[dict]:
 
     runs = []
     for path, label in [(args.artifact, "artifact")] + [(b, "baseline") for b in args.baseline]:
-        eng = Engine(path, device=args.device, verify=not args.no_verify, synthesize_weights=args.synthesize_weights)
+        eng = Engine(path, device=args.device, verify=not args.no_verify, synthesize_weights=args.synthesize_weights,
+                     cuda_graph=GRAPH_CHOICE[args.cuda_graph])
         runs.append(run_bench(eng, tuple(args.prompt_lengths), args.gen_tokens, label=f"{label}:{Path(path).name}"))
         del eng  # free its device memory before the next artifact loads
     return runs

@@ -11,6 +11,7 @@ what is new, and one that diverges pops the cache back to the common prefix firs
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from runtime import tvm_loader
+from runtime.cuda_graph import Cuda, StepGraph, use_step_graph
 from runtime.errors import UserError
 from runtime.manifest import Manifest
 from runtime.sampling import Sampler, SamplingParams
@@ -49,12 +51,14 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, artifact: str | Path, device: str = "auto", verify: bool = True,
-                 synthesize_weights: bool = False, seed: int = 0):
+                 synthesize_weights: bool = False, seed: int = 0, cuda_graph: bool | None = None):
         """Load `artifact` onto `device` ("auto" = the artifact's target device, "cpu" or "cuda").
 
         verify: check every file's sha256 against the manifest first.
         synthesize_weights: for an artifact exported without weights (speed benchmarks), fill every
         parameter with random values of its manifest shape and dtype instead of reading params.
+        cuda_graph: replay each decode step from one CUDA graph (runtime/cuda_graph.py); None = where the
+        artifact allows it (manifest cuda_graph.mode "decode-step"), True = required, False = never.
         """
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder, verify=verify)
@@ -82,6 +86,10 @@ class Engine:
         self._kv_end = self.ffi.get_global_func("vm.builtin.kv_state_end_forward")
         self.device = self.ffi.device(self.device_name, 0)
         self.cpu = self.ffi.device("cpu", 0)
+        self._qpos = self.ffi.get_global_func("vm.builtin.attention_kv_cache_get_query_positions")
+        graph = use_step_graph(m, self.device_name, cuda_graph, str(self.folder / "manifest.json"))
+        self._cuda = Cuda() if graph else None
+        self.cuda_stream = self._cuda.stream() if graph else None  # the engine's own stream (see runtime/cuda_graph.py)
 
         self.memory_before_load = tvm_loader.cuda_memory_used() if self.device_name == "cuda" else None
         lib_path = self.folder / m.library
@@ -103,11 +111,14 @@ class Engine:
         self.context_length = int(kv["max_total_seq_len"])
         self.prefill_chunk = int(kv.get("prefill_chunk_size", self.context_length))
         self.params = self._load_params(synthesize_weights, seed)
-        self.kv = self.fn["create_kv_cache"](
-            self.ffi.Shape([int(kv.get("max_batch_size", 1))]), self.ffi.Shape([self.context_length]),
-            self.ffi.Shape([self.prefill_chunk]), self.ffi.Shape([int(kv.get("page_size", 16))]),
-            self.ffi.Shape([int(bool(kv.get("sliding_window", 0)))]))
+        page_size = int(kv.get("page_size", 16))
+        with self._on_stream():  # the cache keeps the current stream as its compute stream
+            self.kv = self.fn["create_kv_cache"](
+                self.ffi.Shape([int(kv.get("max_batch_size", 1))]), self.ffi.Shape([self.context_length]),
+                self.ffi.Shape([self.prefill_chunk]), self.ffi.Shape([page_size]),
+                self.ffi.Shape([int(bool(kv.get("sliding_window", 0)))]))
         self._kv_add(self.kv, SEQ_ID)
+        self.graph = StepGraph(self._cuda, self.cuda_stream, page_size, self._decode_calls) if graph else None
         self.cached: list[int] = []  # token ids whose keys/values the cache holds
         self._token_buf = self.empty((1,), "int32")
         self._logits_host = np.empty((self.vocab,), dtype=np.float32)
@@ -130,7 +141,15 @@ class Engine:
         return out
 
     def sync(self):
+        if self.cuda_stream is not None:
+            self._cuda("cudaStreamSynchronize", self.cuda_stream)
         self._sync(self.device, 0)
+
+    def _on_stream(self):
+        """Make the engine's stream current for TVM (a no-op without one): several engines may share a process."""
+        if self.cuda_stream is None:
+            return contextlib.nullcontext()
+        return self.ffi.use_raw_stream(self.device, self.cuda_stream)
 
     def _load_params(self, synthesize: bool, seed: int):
         m = self.manifest
@@ -192,12 +211,31 @@ class Engine:
 
     def _forward(self, fn: str, ids: np.ndarray):
         n = len(ids)
-        self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([n]))
-        try:
-            out = self.fn[fn](self._embed(ids, self._token_buf if n == 1 else None), self.kv, self.params)
-        finally:
-            self._kv_end(self.kv)
+        with self._on_stream():
+            self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([n]))
+            try:
+                out = self.fn[fn](self._embed(ids, self._token_buf if n == 1 else None), self.kv, self.params)
+            finally:
+                self._kv_end(self.kv)
         self.cached.extend(int(i) for i in ids)
+        return out
+
+    def _decode_calls(self):
+        """One decode step's VM calls on the token in _token_buf: what a step graph captures."""
+        e = self.fn["embed"](self._token_buf, self.params)
+        x = self._view(e, self.ffi.Shape([1, 1, self.hidden]), e.dtype, 0)
+        return self.fn["decode"](x, self.kv, self.params), e, x
+
+    def _graph_step(self, token: int):
+        with self._on_stream():
+            self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([1]))
+            try:
+                self.to_device(np.asarray([token], dtype=np.int32), self._token_buf)
+                self._qpos(self.kv)  # the page table goes to the device now, outside the graph
+                out = self.graph.step(len(self.cached) + 1)
+            finally:
+                self._kv_end(self.kv)
+        self.cached.append(int(token))
         return out
 
     def _check_fits(self, n_total: int):
@@ -234,7 +272,10 @@ class Engine:
 
     def decode(self, token: int) -> np.ndarray:
         self._check_room(1)
-        out = self._forward("decode", np.asarray([token], dtype=np.int32))
+        if self.graph is not None:
+            out = self._graph_step(token)
+        else:
+            out = self._forward("decode", np.asarray([token], dtype=np.int32))
         return self.to_host(out, self._logits_host.reshape(1, 1, -1)).reshape(-1).copy()
 
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:

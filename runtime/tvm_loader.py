@@ -120,6 +120,11 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def cudart() -> ctypes.CDLL:
+    """The CUDA runtime library the TVM runtime links (loaded by load_runtime("cuda"))."""
+    return _dlopen(_find_cudart())
+
+
 def load_runtime(device: str = "cpu"):
     """Load libtvm_runtime (and the CUDA parts for device 'cuda'); return the tvm_ffi module.
     The CPU thread pool gets one thread per physical core unless TVM_NUM_THREADS says otherwise (read

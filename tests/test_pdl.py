@@ -47,7 +47,7 @@ _BUILD = textwrap.dedent(
               max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
     cfg = config_from_hf(hf, "config", group_size=32, context_length=256, prefill_chunk_size=None)
     out, target, pdl = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-    ex, _ = build_library(cfg, resolve_target(target), "tvm_kernels", True, pdl)
+    ex, _ = build_library(cfg, resolve_target(target), "tvm_kernels", "regions", pdl)
 
     def modules(m):
         yield m
