@@ -360,12 +360,16 @@ def cmd_device_speed(args) -> int:
 
 
 def _engine_ab(name: str):
-    """NAME or NAME:nograph (the artifact under .gpu/h5 without its decode-step graph)."""
+    """NAME, NAME:nograph (the artifact under .gpu/h5 without its decode-step graph) or NAME:pages1 (a graph
+    re-captured at every new KV-cache page instead of every aux-alignment unit of pages)."""
     from runtime.engine import Engine
 
     folder, _, flag = name.partition(":")
-    return Engine(GPU_DIR / folder, device="cuda", verify=False, synthesize_weights=True,
-                  cuda_graph=False if flag == "nograph" else None)
+    eng = Engine(GPU_DIR / folder, device="cuda", verify=False, synthesize_weights=True,
+                 cuda_graph=False if flag == "nograph" else None)
+    if flag == "pages1":
+        eng.graph.pages_per_key = 1
+    return eng
 
 
 def cmd_device_ab(args) -> int:
@@ -436,6 +440,19 @@ def cmd_device_graph(args) -> int:
             print(name, row["turns"][-1], flush=True)
         row["graph_counts"] = dict(graph.graph.counts)
         del row["history"]
+        # where a step's time goes: whole decode() calls, against replays of the same graph back to back
+        # (GPU time + launch; the KV cache rewrites the same slot, fine at the end of the check)
+        g, n = graph.graph, 200
+        t = time.perf_counter()
+        for _ in range(n):
+            graph.decode(7)
+        row["decode_call_us"] = (time.perf_counter() - t) / n * 1e6
+        t = time.perf_counter()
+        for _ in range(n):
+            g.cuda("cudaGraphLaunch", g.exec, g.stream)
+        g.cuda("cudaStreamSynchronize", g.stream)
+        row["graph_replay_back_to_back_us"] = (time.perf_counter() - t) / n * 1e6
+        print(name, {k: row[k] for k in ("decode_call_us", "graph_replay_back_to_back_us", "graph_counts")}, flush=True)
         report["runs"].append(row)
         del plain, graph
         gc.collect()

@@ -3,17 +3,21 @@
 Why: SmolLM2's decode step is ~250 kernels of 1-5 us. The Relax VM and the paged KV cache enqueue them
 one by one from the host, which took as long as the kernels ran (benchmarks/results/host_overhead_h200.json),
 and TVM's own CUDA graphs (relax.backend.use_cuda_graph) cover only the stretches between KV-cache calls.
-A replay leaves the host the KV cache's bookkeeping, one 4-byte copy and one launch.
+A replay leaves the host the KV cache's bookkeeping and one launch: the token id comes in and the logits
+go out through pinned host buffers, copied by the graph itself.
 
 What a replay relies on, and how it is arranged:
-- The same buffers. The token id goes into a fixed device buffer and the logits tensor of the capture is
-  kept. The VM's intermediates come from its pooled allocator and are free between two steps: nothing
+- The same buffers. The token id goes into a fixed device buffer (from a pinned host word the graph
+  copies) and the logits tensor of the capture is kept (the graph copies it to pinned host memory). The VM's intermediates come from its pooled allocator and are free between two steps: nothing
   else allocates on the device between two decode steps but a prefill, whose buffers die before the
   next step runs.
 - The same kernel arguments. The KV cache keeps its per-step page table and positions in one merged
-  device buffer, at offsets that depend only on how many pages the sequence spans (batch 1, no
-  sliding window), so a graph is valid for one page count and is re-captured (cudaGraphExecUpdate)
-  when a step enters a new page: once every page_size steps.
+  device buffer; each array starts at a 16-byte boundary (attn_utils.h, cuda_byte_alignment_), so
+  for batch 1 without sliding windows the offsets, which the kernels take as arguments, change only
+  when the page list grows past a multiple of AUX_ALIGN_PAGES int32 entries. A graph is keyed by that
+  and re-captured (cudaGraphExecUpdate) when a step crosses it: once every 4 x page_size = 64 steps.
+  Every step's logits equal plain VM calls' bit for bit across such crossings
+  (benchmarks/results/e2e_gpu_graph.json), which is what would break if another argument moved.
 - No host-to-device copy inside the graph. The cache copies its page table lazily, in the first call of
   a step that needs it; `get_query_positions` before the launch makes that copy happen outside, on the
   cache's copy stream, which the cache orders before its compute stream.
@@ -27,13 +31,19 @@ What a replay relies on, and how it is arranged:
 from __future__ import annotations
 
 import ctypes
+import time
 from typing import Any
+
+import numpy as np
 
 from runtime import tvm_loader
 from runtime.errors import UserError
 
 MODE = "decode-step"
 CAPTURE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: a first-time pool allocation (cudaMalloc) may happen inside
+H2D, D2H = 1, 2  # cudaMemcpyKind
+# page-list entries (int32) per 16-byte alignment unit of the KV cache's merged aux buffer (TVM 0.27)
+AUX_ALIGN_PAGES = 4
 
 
 def use_step_graph(manifest, device: str, requested: bool | None, where: str) -> bool:
@@ -48,8 +58,13 @@ def use_step_graph(manifest, device: str, requested: bool | None, where: str) ->
 
 
 def pages_spanned(tokens: int, page_size: int) -> int:
-    """KV-cache pages a sequence of `tokens` occupies: the key a step graph is valid for."""
+    """KV-cache pages a sequence of `tokens` occupies."""
     return -(-tokens // page_size)
+
+
+def graph_key(tokens: int, page_size: int, pages_per_key: int = AUX_ALIGN_PAGES) -> int:
+    """The aux-buffer layout a step of a `tokens`-long sequence sees: one graph serves each value."""
+    return -(-pages_spanned(tokens, page_size) // pages_per_key)
 
 
 class Cuda:
@@ -60,6 +75,9 @@ class Cuda:
         vp, pvp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
         sig = {
             "cudaStreamCreate": [pvp],
+            "cudaHostAlloc": [pvp, ctypes.c_size_t, ctypes.c_uint],
+            "cudaFreeHost": [vp],
+            "cudaMemcpyAsync": [vp, vp, ctypes.c_size_t, ctypes.c_int, vp],
             "cudaStreamSynchronize": [vp],
             "cudaStreamBeginCapture": [vp, ctypes.c_int],
             "cudaStreamEndCapture": [vp, pvp],
@@ -87,39 +105,68 @@ class Cuda:
         self("cudaStreamCreate", ctypes.byref(s))
         return int(s.value)
 
+    def pinned(self, n: int, dtype: str) -> tuple[np.ndarray, int]:
+        """A page-locked host array (a graph may copy to and from it) and its address."""
+        ptr = ctypes.c_void_p()
+        nbytes = n * np.dtype(dtype).itemsize
+        self("cudaHostAlloc", ctypes.byref(ptr), nbytes, 0)
+        return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr.value), dtype=dtype), int(ptr.value)
+
 
 class StepGraph:
-    """One instantiated graph of `embed(token) -> decode(x, kv)`, re-captured when the page count changes."""
+    """One instantiated graph of `token -> embed -> decode -> logits`, re-captured when the aux layout moves."""
 
-    def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step):
-        """run_step() -> (logits, *tensors to keep): the VM calls of one step, on the current stream."""
+    def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step, token_ptr: int, vocab: int):
+        """run_step() -> (logits tensor, *tensors to keep alive): the VM calls of one step on the token at
+        device address token_ptr, on the current stream."""
         self.cuda, self.stream, self.page_size, self.run_step = cuda, stream, page_size, run_step
+        self.token_ptr = token_ptr
+        self.token_in, self._token_in_ptr = cuda.pinned(1, "int32")
+        self.logits_out, self._logits_out_ptr = cuda.pinned(vocab, "float32")
+        self.pages_per_key = AUX_ALIGN_PAGES
         self.exec = ctypes.c_void_p()
         self.key: int | None = None
         self.kept: tuple[Any, ...] = ()
         self.warm = False
-        self.counts = {"captures": 0, "instantiations": 0, "replays": 0}
+        self.counts = {"captures": 0, "instantiations": 0, "replays": 0, "capture_ms": 0.0}
 
-    def step(self, tokens_after: int):
-        """Run one decode step whose sequence holds `tokens_after` tokens once it is done; returns the logits
-        tensor (valid until the next step). The caller has begun the KV cache's forward and made the
-        page table current on the device (get_query_positions)."""
-        if not self.warm:  # the first step runs plainly: kernels load and the allocator fills outside capture
+    def step(self, token: int, tokens_after: int) -> np.ndarray:
+        """One decode step whose sequence holds `tokens_after` tokens once it is done -> the logits (a view
+        of pinned memory, valid until the next step). The caller has begun the KV cache's forward and
+        made the page table current on the device (get_query_positions), with self.stream current."""
+        self.token_in[0] = token
+        if not self.warm:  # the first step runs plainly: kernels load and the allocator fills outside a capture
             self.warm = True
-            return self.run_step()[0]
-        key = pages_spanned(tokens_after, self.page_size)
+            kept = self._enqueue()
+            self.cuda("cudaStreamSynchronize", self.stream)
+            del kept  # after the copy of the logits has run
+            return self.logits_out
+        key = graph_key(tokens_after, self.page_size, self.pages_per_key)
         if key != self.key:
             self._capture(key)
         self.cuda("cudaGraphLaunch", self.exec, self.stream)
         self.counts["replays"] += 1
-        return self.kept[0]
+        self.cuda("cudaStreamSynchronize", self.stream)
+        return self.logits_out
+
+    def _enqueue(self) -> tuple[Any, ...]:
+        """The step's work on the stream: token in, the VM calls, logits out."""
+        self.cuda("cudaMemcpyAsync", self.token_ptr, self._token_in_ptr, 4, H2D, self.stream)
+        kept = self.run_step()
+        logits = kept[0]
+        if str(logits.dtype) != "float32" or int(np.prod(logits.shape)) != self.logits_out.size:
+            raise UserError(f"decode returned {logits.dtype} {tuple(logits.shape)}, expected float32 logits "
+                            f"of {self.logits_out.size}")
+        self.cuda("cudaMemcpyAsync", self._logits_out_ptr, logits.data_ptr(), self.logits_out.nbytes, D2H, self.stream)
+        return kept
 
     def _capture(self, key: int) -> None:
+        t = time.perf_counter()
         graph = ctypes.c_void_p()
         self.kept = ()
         self.cuda("cudaStreamBeginCapture", self.stream, CAPTURE_RELAXED)
         try:
-            kept = self.run_step()
+            kept = self._enqueue()
         except Exception:
             self.cuda.lib.cudaStreamEndCapture(self.stream, ctypes.byref(graph))
             self.cuda.lib.cudaGetLastError()
@@ -140,8 +187,21 @@ class StepGraph:
         finally:
             self.cuda.lib.cudaGraphDestroy(graph)
         self.kept, self.key = kept, key
+        self.counts["capture_ms"] += (time.perf_counter() - t) * 1e3
 
     def close(self) -> None:
+        """Release the graph and the pinned buffers (the arrays handed out before become invalid)."""
         if self.exec.value:
             self.cuda.lib.cudaGraphExecDestroy(self.exec)
             self.exec = ctypes.c_void_p()
+        for attr in ("_token_in_ptr", "_logits_out_ptr"):
+            if getattr(self, attr, 0):
+                self.cuda.lib.cudaFreeHost(ctypes.c_void_p(getattr(self, attr)))
+                setattr(self, attr, 0)
+        self.kept = ()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown: the library may be gone)
+            pass

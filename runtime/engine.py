@@ -118,9 +118,12 @@ class Engine:
                 self.ffi.Shape([self.prefill_chunk]), self.ffi.Shape([page_size]),
                 self.ffi.Shape([int(bool(kv.get("sliding_window", 0)))]))
         self._kv_add(self.kv, SEQ_ID)
-        self.graph = StepGraph(self._cuda, self.cuda_stream, page_size, self._decode_calls) if graph else None
+        self.graph = None
         self.cached: list[int] = []  # token ids whose keys/values the cache holds
         self._token_buf = self.empty((1,), "int32")
+        if graph:
+            self.graph = StepGraph(self._cuda, self.cuda_stream, page_size, self._decode_calls,
+                                   self._token_buf.data_ptr(), self.vocab)
         self._logits_host = np.empty((self.vocab,), dtype=np.float32)
         self._tokenizer: Tokenizer | None = None
 
@@ -226,17 +229,16 @@ class Engine:
         x = self._view(e, self.ffi.Shape([1, 1, self.hidden]), e.dtype, 0)
         return self.fn["decode"](x, self.kv, self.params), e, x
 
-    def _graph_step(self, token: int):
+    def _graph_step(self, token: int) -> np.ndarray:
         with self._on_stream():
             self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([1]))
             try:
-                self.to_device(np.asarray([token], dtype=np.int32), self._token_buf)
                 self._qpos(self.kv)  # the page table goes to the device now, outside the graph
-                out = self.graph.step(len(self.cached) + 1)
+                logits = self.graph.step(int(token), len(self.cached) + 1).copy()
             finally:
                 self._kv_end(self.kv)
         self.cached.append(int(token))
-        return out
+        return logits
 
     def _check_fits(self, n_total: int):
         if n_total > self.context_length:
@@ -273,9 +275,8 @@ class Engine:
     def decode(self, token: int) -> np.ndarray:
         self._check_room(1)
         if self.graph is not None:
-            out = self._graph_step(token)
-        else:
-            out = self._forward("decode", np.asarray([token], dtype=np.int32))
+            return self._graph_step(token)
+        out = self._forward("decode", np.asarray([token], dtype=np.int32))
         return self.to_host(out, self._logits_host.reshape(1, 1, -1)).reshape(-1).copy()
 
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:

@@ -230,6 +230,11 @@ def test_cli_run_and_errors(tiny, engine, capsys):
     assert len(err) == 1 and "not an awq-edge artifact" in err[0]
     assert main(["run", str(tiny[1]), "--prompt", "x", "--top-p", "2"]) == 2
     assert "--top-p" in capsys.readouterr().err
+    # a CPU artifact has no decode-step CUDA graph: asking for one is a one-line error, auto runs without
+    assert main(["run", str(tiny[1]), "--prompt", "x", "--cuda-graph", "on"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.json" in err[0] and "CUDA graph" in err[0] and "CPU" in err[0]
+    assert engine.graph is None and engine.cuda_stream is None
 
 
 BLOCKER = textwrap.dedent("""
