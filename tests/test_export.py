@@ -289,7 +289,7 @@ def test_cuda_exports_hold_cubins(tmp_path, target, arch, machine):
     check_cubin(lib, arch)
     man = json.loads((art / "manifest.json").read_text())
     assert man["target"]["name"] == target and man["target"]["arch"] == arch
-    assert man["cuda_graph"]["capturable"] is True
+    assert man["cuda_graph"]["capturable"] is True and man["cuda_graph"]["mode"] == "decode-step"
     # sm_90 exports launch with PDL by default (tvm_kernels/pdl.py); the Orin has none
     assert man["target"]["programmatic_dependent_launch"] is (target == "cuda-sm90")
     assert (b"tirx.use_programtic_dependent_launch" in lib.read_bytes()) is (target == "cuda-sm90")
