@@ -49,7 +49,9 @@ class Manifest:
     # None for the FP16 baseline; else {"method": "awq", "bits", "group_size", "zero_point", "layout"}
     quantization: dict[str, Any] | None = None
     tvm_version: str = ""
-    cuda_graph: dict[str, Any] = field(default_factory=dict)  # {"capturable": bool, "why": str}
+    # {"capturable": bool, "mode": "decode-step" (runtime/cuda_graph.py) | "regions" (TVM's graphs inside
+    # the library) | None, "why": str}; artifacts before modes have no "mode" and run as "regions"
+    cuda_graph: dict[str, Any] = field(default_factory=dict)
     created_by: dict[str, Any] = field(default_factory=dict)  # awq-edge version, command, time
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION

@@ -68,3 +68,129 @@ def test_a_graph_is_keyed_by_the_pages_the_sequence_spans():
 
     # page_size 16: tokens 1..16 in one page, the 17th opens the second: a re-capture every 16 steps
     assert [pages_spanned(n, 16) for n in (1, 15, 16, 17, 32, 33)] == [1, 1, 1, 2, 2, 3]
+
+
+class _FakeTensor:
+    def __init__(self, array):
+        self.array, self.dtype, self.shape = array, str(array.dtype), array.shape
+
+    def data_ptr(self):
+        return self.array.ctypes.data
+
+
+class _FakeLib:
+    """What StepGraph calls directly on libcudart (error paths, graph updates)."""
+
+    def __init__(self, cuda):
+        self.cuda, self.update_fails = cuda, False
+
+    def cudaStreamEndCapture(self, stream, graph_ref):
+        self.cuda.log.append("end_capture_after_error")
+        return 0
+
+    def cudaGetLastError(self):
+        return 0
+
+    def cudaGraphDestroy(self, graph):
+        return 0
+
+    def cudaGraphExecUpdate(self, exec_, graph, info):
+        self.cuda.log.append("update")
+        if self.update_fails:
+            return 1
+        self.cuda.exec_ops = list(self.cuda.graph_ops)
+        return 0
+
+    def cudaGraphExecDestroy(self, exec_):
+        return 0
+
+    def cudaFreeHost(self, ptr):
+        return 0
+
+
+class _FakeCuda:
+    """Records the CUDA calls; memcpys move numpy bytes, so the data path is checked too. While capturing,
+    copies are recorded instead of run, and a launch runs the instantiated (or updated) graph's copies."""
+
+    def __init__(self):
+        self.log, self.capturing, self.graph_ops, self.exec_ops = [], False, [], []
+        self.lib = _FakeLib(self)
+
+    def pinned(self, n, dtype):
+        import numpy as np
+
+        a = np.zeros(n, dtype=dtype)
+        return a, a.ctypes.data
+
+    @staticmethod
+    def _copy(dst, src, nbytes):
+        import ctypes
+
+        ctypes.memmove(dst, src, nbytes)
+
+    def __call__(self, name, *args):
+        self.log.append(name)
+        if name == "cudaMemcpyAsync":
+            op = (args[0], args[1], args[2])
+            if self.capturing:
+                self.graph_ops.append(op)
+            else:
+                self._copy(*op)
+        elif name == "cudaStreamBeginCapture":
+            self.capturing, self.graph_ops = True, []
+        elif name == "cudaStreamEndCapture":
+            self.capturing = False
+            args[1]._obj.value = 1
+        elif name == "cudaGraphInstantiate":
+            args[0]._obj.value = 7
+            self.exec_ops = list(self.graph_ops)
+        elif name == "cudaGraphLaunch":
+            for op in self.exec_ops:
+                self._copy(*op)
+
+
+def test_step_graph_captures_once_per_aux_layout_and_moves_token_and_logits():
+    import numpy as np
+
+    from runtime.cuda_graph import AUX_ALIGN_PAGES, StepGraph
+
+    cuda, vocab = _FakeCuda(), 8
+    token_dev = np.zeros(1, dtype=np.int32)
+    calls = []
+
+    def run_step():  # "the VM": logits that depend on the token the device buffer holds
+        calls.append(int(token_dev[0]))
+        logits = np.arange(vocab, dtype=np.float32) + 100 * len(calls)
+        return (_FakeTensor(logits),)
+
+    g = StepGraph(cuda, stream=1, page_size=16, run_step=run_step, token_ptr=token_dev.ctypes.data, vocab=vocab)
+    out = g.step(5, tokens_after=20)  # warm-up: run plainly, nothing captured
+    assert calls == [5] and int(token_dev[0]) == 5 and out[0] == 100 and "cudaStreamBeginCapture" not in cuda.log
+    keys = []
+    for i, tokens_after in enumerate(range(21, 21 + 16 * AUX_ALIGN_PAGES * 2)):
+        g.step(1000 + i, tokens_after)
+        keys.append(g.key)
+    # 21..148 tokens: pages 2..10 -> keys 1, 2, 3: three captures, one instantiation, two updates
+    assert g.counts["captures"] == 3 and g.counts["instantiations"] == 1 and cuda.log.count("update") == 2
+    assert g.counts["replays"] == 128 and len(calls) == 1 + 3  # the VM ran only at the warm-up and the captures
+    assert sorted(set(keys)) == [1, 2, 3]
+    assert int(token_dev[0]) == 1000 + 127  # the replayed graph copied the last token in
+    assert out is g.logits_out and out[0] == 400  # ... and the last capture's logits out
+    cuda.lib.update_fails = True  # a graph whose topology changed: instantiated anew
+    g.step(7, 16 * 4 * 3 + 1)
+    assert g.counts["instantiations"] == 2 and int(token_dev[0]) == 7
+
+
+def test_step_graph_capture_errors_end_the_capture_and_keep_no_graph():
+    import numpy as np
+
+    from runtime.cuda_graph import StepGraph
+
+    cuda = _FakeCuda()
+    token_dev = np.zeros(1, dtype=np.int32)
+    outputs = iter([np.zeros(4, np.float32), np.zeros(4, np.float16)])
+    g = StepGraph(cuda, 1, 16, lambda: (_FakeTensor(next(outputs)),), token_dev.ctypes.data, 4)
+    g.step(1, 2)
+    with pytest.raises(RuntimeUserError, match="decode returned float16 .4,., expected float32 logits of 4"):
+        g.step(2, 3)  # the capture sees the wrong logits: ended, nothing instantiated, no key
+    assert "end_capture_after_error" in cuda.log and g.key is None and not g.exec.value
