@@ -78,7 +78,8 @@ def cmd_device(args) -> int:
         tol = 0.02 + 0.02 * float(np.abs(want).max())
         err = float(np.abs(got - want).max())
         greedy = [int(i) for i in got.argmax(-1)[:-1]] == ids[len(PROMPT):]
-        rows.append({"case": name, "max_abs_err": err, "tolerance": tol, "ok": err <= tol, "greedy_equal": greedy})
+        rows.append({"case": name, "max_abs_err": err, "tolerance": tol, "ok": err <= tol, "greedy_equal": greedy,
+                     "decode_step_graph": dict(eng.graph.counts) if eng.graph is not None else None})
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,9 @@ def cmd_collect(args) -> int:
     report = json.loads(Path(args.file).read_text())
     report["built_by"] = "benchmarks/families_gpu.py build (tiny random models of tests/tiny_models.py)"
     report["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    for row in report["rows"]:  # how the artifact that ran replays decode (its manifest, here)
+        manifest = json.loads((DIR / row["case"] / "art" / "manifest.json").read_text())
+        row["cuda_graph_mode"] = manifest["cuda_graph"].get("mode")
     (REPO / "benchmarks" / "results" / "families_gpu.json").write_text(json.dumps(report, indent=1))
     print("wrote benchmarks/results/families_gpu.json")
     return 0
