@@ -8,9 +8,13 @@ go out through pinned host buffers, copied by the graph itself.
 
 What a replay relies on, and how it is arranged:
 - The same buffers. The token id goes into a fixed device buffer (from a pinned host word the graph
-  copies) and the logits tensor of the capture is kept (the graph copies it to pinned host memory). The VM's intermediates come from its pooled allocator and are free between two steps: nothing
-  else allocates on the device between two decode steps but a prefill, whose buffers die before the
-  next step runs.
+  copies) and the logits tensor of the capture is kept (the graph copies it to pinned host memory).
+  The VM's intermediates come from TVM's pooled allocator, shared by the process's engines, which
+  counts them free after the capture: a replay may write blocks that a prefill or another engine
+  uses meanwhile. That is safe because every block a replay writes is produced and consumed inside
+  the replay (what lives across steps — weights, KV pages, the token buffer — is not from the pool)
+  and no two steps overlap in time: each ends with a stream synchronize. Engines must therefore not
+  run from two threads at once.
 - The same kernel arguments. The KV cache keeps its per-step page table and positions in one merged
   device buffer; each array starts at a 16-byte boundary (attn_utils.h, cuda_byte_alignment_), so
   for batch 1 without sliding windows the offsets, which the kernels take as arguments, change only
@@ -167,7 +171,7 @@ class StepGraph:
         self.cuda("cudaStreamBeginCapture", self.stream, CAPTURE_RELAXED)
         try:
             kept = self._enqueue()
-        except Exception:
+        except BaseException:  # KeyboardInterrupt included: a capture left open would break the stream
             self.cuda.lib.cudaStreamEndCapture(self.stream, ctypes.byref(graph))
             self.cuda.lib.cudaGetLastError()
             if graph.value:
