@@ -218,10 +218,20 @@ class Engine:
             self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([n]))
             try:
                 out = self.fn[fn](self._embed(ids, self._token_buf if n == 1 else None), self.kv, self.params)
-            finally:
-                self._kv_end(self.kv)
+            except BaseException:
+                self._abandon()
+                raise
+            self._kv_end(self.kv)
         self.cached.extend(int(i) for i in ids)
         return out
+
+    def _abandon(self):
+        """After a failed forward: the cache has room reserved for tokens whose keys were never written, so
+        forget the sequence (the next prompt is prefilled from its start) rather than trust `cached`."""
+        try:
+            self._kv_end(self.kv)
+        finally:
+            self.reset()
 
     def _decode_calls(self):
         """One decode step's VM calls on the token in _token_buf: what a step graph captures."""
@@ -235,8 +245,10 @@ class Engine:
             try:
                 self._qpos(self.kv)  # the page table goes to the device now, outside the graph
                 logits = self.graph.step(int(token), len(self.cached) + 1).copy()
-            finally:
-                self._kv_end(self.kv)
+            except BaseException:
+                self._abandon()
+                raise
+            self._kv_end(self.kv)
         self.cached.append(int(token))
         return logits
 

@@ -329,3 +329,23 @@ def test_cpu_thread_default_counts_physical_cores(monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # an explicit setting wins
     tvm_loader.load_runtime("cpu")
     assert os.environ["TVM_NUM_THREADS"] == "1"
+
+
+def test_a_failed_forward_forgets_the_sequence(engine):
+    # the cache reserved room for the token before the call failed: the engine must not trust `cached`
+    # afterwards, so it starts over, and the next generation equals a fresh one
+    expected = engine.generate(PROMPT, max_new_tokens=6).token_ids
+    assert engine.cached
+    decode = engine.fn["decode"]
+
+    def broken(*args):
+        raise RuntimeError("injected")
+
+    engine.fn["decode"] = broken
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.decode(expected[-1])
+    finally:
+        engine.fn["decode"] = decode
+    assert engine.cached == []
+    assert engine.generate(PROMPT, max_new_tokens=6).token_ids == expected
