@@ -46,8 +46,16 @@ from runtime.errors import UserError
 MODE = "decode-step"
 CAPTURE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: a first-time pool allocation (cudaMalloc) may happen inside
 H2D, D2H = 1, 2  # cudaMemcpyKind
-# page-list entries (int32) per 16-byte alignment unit of the KV cache's merged aux buffer (TVM 0.27)
+# page-list entries (int32) per 16-byte alignment unit of the KV cache's merged aux buffer, as TVM 0.27 lays
+# it out (src/runtime/vm/attn_utils.h); the libraries of another TVM version get a re-capture at every page
 AUX_ALIGN_PAGES = 4
+AUX_LAYOUT_VERSIONS = ("0.27",)
+
+
+def pages_per_key(tvm_version: str) -> int:
+    """How many KV-cache pages one graph serves, for the TVM version the artifact was built with (its runtime
+    libraries are the same version: the model library links against them)."""
+    return AUX_ALIGN_PAGES if tvm_version.startswith(AUX_LAYOUT_VERSIONS) else 1
 
 
 def use_step_graph(manifest, device: str, requested: bool | None, where: str) -> bool:
@@ -120,14 +128,15 @@ class Cuda:
 class StepGraph:
     """One instantiated graph of `token -> embed -> decode -> logits`, re-captured when the aux layout moves."""
 
-    def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step, token_ptr: int, vocab: int):
+    def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step, token_ptr: int, vocab: int,
+                 tvm_version: str = ""):
         """run_step() -> (logits tensor, *tensors to keep alive): the VM calls of one step on the token at
         device address token_ptr, on the current stream."""
         self.cuda, self.stream, self.page_size, self.run_step = cuda, stream, page_size, run_step
         self.token_ptr = token_ptr
         self.token_in, self._token_in_ptr = cuda.pinned(1, "int32")
         self.logits_out, self._logits_out_ptr = cuda.pinned(vocab, "float32")
-        self.pages_per_key = AUX_ALIGN_PAGES
+        self.pages_per_key = pages_per_key(tvm_version)
         self.exec = ctypes.c_void_p()
         self.key: int | None = None
         self.kept: tuple[Any, ...] = ()

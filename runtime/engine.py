@@ -123,7 +123,7 @@ class Engine:
         self._token_buf = self.empty((1,), "int32")
         if graph:
             self.graph = StepGraph(self._cuda, self.cuda_stream, page_size, self._decode_calls,
-                                   self._token_buf.data_ptr(), self.vocab)
+                                   self._token_buf.data_ptr(), self.vocab, m.tvm_version)
         self._logits_host = np.empty((self.vocab,), dtype=np.float32)
         self._tokenizer: Tokenizer | None = None
 

@@ -64,10 +64,15 @@ def test_runtime_uses_a_step_graph_only_where_the_artifact_allows():
 
 
 def test_a_graph_is_keyed_by_the_pages_the_sequence_spans():
-    from runtime.cuda_graph import pages_spanned
+    from runtime.cuda_graph import graph_key, pages_per_key, pages_spanned
 
-    # page_size 16: tokens 1..16 in one page, the 17th opens the second: a re-capture every 16 steps
+    # page_size 16: tokens 1..16 in one page, the 17th opens the second
     assert [pages_spanned(n, 16) for n in (1, 15, 16, 17, 32, 33)] == [1, 1, 1, 2, 2, 3]
+    # TVM 0.27 aligns each aux array to 16 bytes = 4 int32 page ids: one graph per 4 pages (64 tokens);
+    # libraries of another version: one per page
+    assert [graph_key(n, 16) for n in (1, 64, 65, 128, 129)] == [1, 1, 2, 2, 3]
+    assert pages_per_key("0.27.0.post1") == 4 and pages_per_key("0.28.0") == 1
+    assert [graph_key(n, 16, pages_per_key("0.28.0")) for n in (16, 17)] == [1, 2]
 
 
 class _FakeTensor:
@@ -163,7 +168,8 @@ def test_step_graph_captures_once_per_aux_layout_and_moves_token_and_logits():
         logits = np.arange(vocab, dtype=np.float32) + 100 * len(calls)
         return (_FakeTensor(logits),)
 
-    g = StepGraph(cuda, stream=1, page_size=16, run_step=run_step, token_ptr=token_dev.ctypes.data, vocab=vocab)
+    g = StepGraph(cuda, stream=1, page_size=16, run_step=run_step, token_ptr=token_dev.ctypes.data, vocab=vocab,
+                  tvm_version="0.27.0.post1")
     out = g.step(5, tokens_after=20)  # warm-up: run plainly, nothing captured
     assert calls == [5] and int(token_dev[0]) == 5 and out[0] == 100 and "cudaStreamBeginCapture" not in cuda.log
     keys = []
