@@ -28,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lm_head weights: fp16 (default, as AutoAWQ) or weight-only int8 with fp16 scales per "
                         "row and 32 columns (CPU targets; a tied embedding table shares it)")
     p.add_argument("--cuda-graph", default="auto", choices=["auto", "step", "regions", "off"],
-                   help="CUDA targets: how decode replays from CUDA graphs: step = the runtime captures each whole "
-                        "decode step (one launch per token), regions = TVM's graphs of the stretches between KV-cache "
-                        "calls, off; auto = step unless the model has sliding-window layers (then regions)")
+                   help="CUDA targets: how decode replays from CUDA graphs: step (= auto) = the runtime captures each "
+                        "whole decode step (one launch per token), regions = TVM's graphs of the stretches between "
+                        "KV-cache calls, off")
     p.add_argument("--pdl", default="auto", choices=["auto", "on", "off"],
                    help="programmatic dependent launch: each kernel starts while the previous one finishes "
                         "(decode +5%% on a 7B, +17-20%% on SmolLM2, H100); auto = on where the target has it (sm_90+)")

@@ -293,22 +293,15 @@ CUDA_GRAPH_MODES = ("auto", "step", "regions", "off")
 
 
 def cuda_graph_mode(cfg: ModelConfig, dt, requested: str = "auto") -> str | None:
-    """export --cuda-graph -> how decode is replayed from CUDA graphs: "decode-step" (the runtime captures the
-    whole step, runtime/cuda_graph.py), "regions" (TVM's relax.backend.use_cuda_graph: the static stretches
-    between KV-cache calls) or None. auto = decode-step where the runtime can key a step graph by the
-    number of pages the sequence spans (no sliding-window layers, whose window page tables move by
-    other rules), else regions. The two exclude each other: a graph launch inside a capture is refused."""
+    """export --cuda-graph -> how decode is replayed from CUDA graphs: "decode-step" (auto, step: the runtime
+    captures the whole step, runtime/cuda_graph.py), "regions" (TVM's relax.backend.use_cuda_graph: the
+    static stretches between KV-cache calls) or None (off, CPU targets). The two exclude each other: a
+    graph launch inside a capture is refused."""
     if requested not in CUDA_GRAPH_MODES:
         raise UserError(f"--cuda-graph {requested!r}: expected one of {', '.join(CUDA_GRAPH_MODES)}")
     if not dt.is_cuda or requested == "off":
         return None
-    sliding = any(cfg.sliding_layers())
-    if requested == "step" and sliding:
-        raise UserError("--cuda-graph step: the model has sliding-window layers, whose page tables a step "
-                        "graph cannot follow; use auto or regions")
-    if requested == "regions" or sliding:
-        return "regions"
-    return "decode-step"
+    return "regions" if requested == "regions" else "decode-step"
 
 
 def _cuda_graph_manifest(dt, mode: str | None) -> dict[str, Any]:

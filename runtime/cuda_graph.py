@@ -16,12 +16,14 @@ What a replay relies on, and how it is arranged:
   and no two steps overlap in time: each ends with a stream synchronize. Engines must therefore not
   run from two threads at once.
 - The same kernel arguments. The KV cache keeps its per-step page table and positions in one merged
-  device buffer; each array starts at a 16-byte boundary (attn_utils.h, cuda_byte_alignment_), so
-  for batch 1 without sliding windows the offsets, which the kernels take as arguments, change only
-  when the page list grows past a multiple of AUX_ALIGN_PAGES int32 entries. A graph is keyed by that
-  and re-captured (cudaGraphExecUpdate) when a step crosses it: once every 4 x page_size = 64 steps.
-  Every step's logits equal plain VM calls' bit for bit across such crossings
-  (benchmarks/results/e2e_gpu_graph.json), which is what would break if another argument moved.
+  device buffer; each array starts at a 16-byte boundary (attn_utils.h, cuda_byte_alignment_), and at
+  batch 1 only two of them change size: the sequence's page list and, with sliding-window layers, the
+  window's page list. The offsets the kernels take as arguments therefore change only when one of
+  them grows past a multiple of AUX_ALIGN_PAGES int32 entries (`graph_key`). Each key gets its graph,
+  captured on first use (0.8 ms) and kept among the last MAX_GRAPHS; a full sequence re-captures once
+  every 4 x page_size = 64 steps, a window's page count toggles between two keys that both stay.
+  Every step's logits equal plain VM calls' bit for bit across such changes
+  (benchmarks/results/e2e_gpu_graph*.json), which is what would break if another argument moved.
 - No host-to-device copy inside the graph. The cache copies its page table lazily, in the first call of
   a step that needs it; `get_query_positions` before the launch makes that copy happen outside, on the
   cache's copy stream, which the cache orders before its compute stream.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,7 @@ from runtime.errors import UserError
 MODE = "decode-step"
 CAPTURE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: a first-time pool allocation (cudaMalloc) may happen inside
 H2D, D2H = 1, 2  # cudaMemcpyKind
+MAX_GRAPHS = 4  # instantiated graphs kept per engine (the oldest is updated in place for a new key)
 # page-list entries (int32) per 16-byte alignment unit of the KV cache's merged aux buffer, as TVM 0.27 lays
 # it out (src/runtime/vm/attn_utils.h); the libraries of another TVM version get a re-capture at every page
 AUX_ALIGN_PAGES = 4
@@ -74,9 +78,21 @@ def pages_spanned(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def graph_key(tokens: int, page_size: int, pages_per_key: int = AUX_ALIGN_PAGES) -> int:
+def window_pages(tokens: int, page_size: int, window: int) -> int:
+    """Pages a sliding-window layer attends over, as TVM 0.27's cache counts them
+    (GetLayerSlidingWindowNumPages: the window starts (tokens - window) % page_size into its first page)."""
+    if tokens == 0:
+        return 0
+    offset = 0 if tokens <= window else (tokens - window) % page_size
+    return min(pages_spanned(tokens, page_size), -(-(offset + min(tokens, window)) // page_size))
+
+
+def graph_key(tokens: int, page_size: int, pages_per_key: int = AUX_ALIGN_PAGES, window: int = 0) -> tuple[int, ...]:
     """The aux-buffer layout a step of a `tokens`-long sequence sees: one graph serves each value."""
-    return -(-pages_spanned(tokens, page_size) // pages_per_key)
+    key = (-(-pages_spanned(tokens, page_size) // pages_per_key),)
+    if window:
+        key += (-(-window_pages(tokens, page_size, window) // pages_per_key),)
+    return key
 
 
 class Cuda:
@@ -126,20 +142,18 @@ class Cuda:
 
 
 class StepGraph:
-    """One instantiated graph of `token -> embed -> decode -> logits`, re-captured when the aux layout moves."""
+    """Instantiated graphs of `token -> embed -> decode -> logits`, one per aux-buffer layout (graph_key)."""
 
     def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step, token_ptr: int, vocab: int,
-                 tvm_version: str = ""):
+                 tvm_version: str = "", window: int = 0):
         """run_step() -> (logits tensor, *tensors to keep alive): the VM calls of one step on the token at
-        device address token_ptr, on the current stream."""
+        device address token_ptr, on the current stream. window: the sliding-window layers' window (0: none)."""
         self.cuda, self.stream, self.page_size, self.run_step = cuda, stream, page_size, run_step
-        self.token_ptr = token_ptr
+        self.token_ptr, self.window = token_ptr, window
         self.token_in, self._token_in_ptr = cuda.pinned(1, "int32")
         self.logits_out, self._logits_out_ptr = cuda.pinned(vocab, "float32")
         self.pages_per_key = pages_per_key(tvm_version)
-        self.exec = ctypes.c_void_p()
-        self.key: int | None = None
-        self.kept: tuple[Any, ...] = ()
+        self.graphs: OrderedDict[tuple[int, ...], tuple[ctypes.c_void_p, tuple[Any, ...]]] = OrderedDict()
         self.warm = False
         self.counts = {"captures": 0, "instantiations": 0, "replays": 0, "capture_ms": 0.0}
 
@@ -154,10 +168,12 @@ class StepGraph:
             self.cuda("cudaStreamSynchronize", self.stream)
             del kept  # after the copy of the logits has run
             return self.logits_out
-        key = graph_key(tokens_after, self.page_size, self.pages_per_key)
-        if key != self.key:
+        key = graph_key(tokens_after, self.page_size, self.pages_per_key, self.window)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
             self._capture(key)
-        self.cuda("cudaGraphLaunch", self.exec, self.stream)
+        self.cuda("cudaGraphLaunch", self.graphs[key][0], self.stream)
         self.counts["replays"] += 1
         self.cuda("cudaStreamSynchronize", self.stream)
         return self.logits_out
@@ -173,10 +189,9 @@ class StepGraph:
         self.cuda("cudaMemcpyAsync", self._logits_out_ptr, logits.data_ptr(), self.logits_out.nbytes, D2H, self.stream)
         return kept
 
-    def _capture(self, key: int) -> None:
+    def _capture(self, key: tuple[int, ...]) -> None:
         t = time.perf_counter()
         graph = ctypes.c_void_p()
-        self.kept = ()
         self.cuda("cudaStreamBeginCapture", self.stream, CAPTURE_RELAXED)
         try:
             kept = self._enqueue()
@@ -189,29 +204,31 @@ class StepGraph:
         self.cuda("cudaStreamEndCapture", self.stream, ctypes.byref(graph))
         try:
             self.counts["captures"] += 1
-            info = ctypes.create_string_buffer(64)  # cudaGraphExecUpdateResultInfo
-            if self.exec.value and self.cuda.lib.cudaGraphExecUpdate(self.exec, graph, info) != 0:
-                self.cuda.lib.cudaGetLastError()  # a changed topology: instantiate anew
-                self.cuda("cudaGraphExecDestroy", self.exec)
-                self.exec = ctypes.c_void_p()
-            if not self.exec.value:
-                self.cuda("cudaGraphInstantiate", ctypes.byref(self.exec), graph, 0)
+            exec_ = ctypes.c_void_p()
+            if len(self.graphs) >= MAX_GRAPHS:  # reuse the oldest: an update costs less than an instantiation
+                _, (exec_, _) = self.graphs.popitem(last=False)
+                info = ctypes.create_string_buffer(64)  # cudaGraphExecUpdateResultInfo
+                if self.cuda.lib.cudaGraphExecUpdate(exec_, graph, info) != 0:
+                    self.cuda.lib.cudaGetLastError()  # a changed topology: instantiate anew
+                    self.cuda("cudaGraphExecDestroy", exec_)
+                    exec_ = ctypes.c_void_p()
+            if not exec_.value:
+                self.cuda("cudaGraphInstantiate", ctypes.byref(exec_), graph, 0)
                 self.counts["instantiations"] += 1
         finally:
             self.cuda.lib.cudaGraphDestroy(graph)
-        self.kept, self.key = kept, key
+        self.graphs[key] = (exec_, kept)
         self.counts["capture_ms"] += (time.perf_counter() - t) * 1e3
 
     def close(self) -> None:
-        """Release the graph and the pinned buffers (the arrays handed out before become invalid)."""
-        if self.exec.value:
-            self.cuda.lib.cudaGraphExecDestroy(self.exec)
-            self.exec = ctypes.c_void_p()
+        """Release the graphs and the pinned buffers (the arrays handed out before become invalid)."""
+        while self.graphs:
+            _, (exec_, _) = self.graphs.popitem()
+            self.cuda.lib.cudaGraphExecDestroy(exec_)
         for attr in ("_token_in_ptr", "_logits_out_ptr"):
             if getattr(self, attr, 0):
                 self.cuda.lib.cudaFreeHost(ctypes.c_void_p(getattr(self, attr)))
                 setattr(self, attr, 0)
-        self.kept = ()
 
     def __del__(self):
         try:

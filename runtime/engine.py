@@ -123,7 +123,8 @@ class Engine:
         self._token_buf = self.empty((1,), "int32")
         if graph:
             self.graph = StepGraph(self._cuda, self.cuda_stream, page_size, self._decode_calls,
-                                   self._token_buf.data_ptr(), self.vocab, m.tvm_version)
+                                   self._token_buf.data_ptr(), self.vocab, m.tvm_version,
+                                   window=int(kv.get("layer_sliding_window", 0) or 0))
         self._logits_host = np.empty((self.vocab,), dtype=np.float32)
         self._tokenizer: Tokenizer | None = None
 

@@ -25,18 +25,13 @@ def test_export_picks_the_graph_mode(sliding):
     from export.exporter import _cuda_graph_manifest, cuda_graph_mode, resolve_target
 
     cfg, gpu, cpu = _cfg(sliding), resolve_target("cuda-sm90"), resolve_target("cpu")
-    assert any(cfg.sliding_layers()) is sliding
-    auto = cuda_graph_mode(cfg, gpu)
-    assert auto == ("regions" if sliding else "decode-step")
+    assert any(cfg.sliding_layers()) is sliding  # the runtime keys the window's pages too (graph_key)
+    assert cuda_graph_mode(cfg, gpu) == cuda_graph_mode(cfg, gpu, "step") == "decode-step"
     assert cuda_graph_mode(cfg, gpu, "regions") == "regions"
     assert cuda_graph_mode(cfg, gpu, "off") is None and cuda_graph_mode(cfg, cpu) is None
-    assert _cuda_graph_manifest(gpu, auto)["mode"] == auto and _cuda_graph_manifest(gpu, auto)["capturable"]
+    assert _cuda_graph_manifest(gpu, "decode-step")["mode"] == "decode-step"
+    assert _cuda_graph_manifest(gpu, "regions")["capturable"] and _cuda_graph_manifest(gpu, None)["mode"] is None
     assert _cuda_graph_manifest(cpu, None) == {"capturable": False, "mode": None, "why": "CPU target: no CUDA graphs"}
-    if sliding:
-        with pytest.raises(ExportError, match="--cuda-graph step: the model has sliding-window layers"):
-            cuda_graph_mode(cfg, gpu, "step")
-    else:
-        assert cuda_graph_mode(cfg, gpu, "step") == "decode-step"
     with pytest.raises(ExportError, match="--cuda-graph 'always'"):
         cuda_graph_mode(cfg, gpu, "always")
 
@@ -70,9 +65,9 @@ def test_a_graph_is_keyed_by_the_pages_the_sequence_spans():
     assert [pages_spanned(n, 16) for n in (1, 15, 16, 17, 32, 33)] == [1, 1, 1, 2, 2, 3]
     # TVM 0.27 aligns each aux array to 16 bytes = 4 int32 page ids: one graph per 4 pages (64 tokens);
     # libraries of another version: one per page
-    assert [graph_key(n, 16) for n in (1, 64, 65, 128, 129)] == [1, 1, 2, 2, 3]
+    assert [graph_key(n, 16) for n in (1, 64, 65, 128, 129)] == [(1,), (1,), (2,), (2,), (3,)]
     assert pages_per_key("0.27.0.post1") == 4 and pages_per_key("0.28.0") == 1
-    assert [graph_key(n, 16, pages_per_key("0.28.0")) for n in (16, 17)] == [1, 2]
+    assert [graph_key(n, 16, pages_per_key("0.28.0")) for n in (16, 17)] == [(1,), (2,)]
 
 
 class _FakeTensor:
@@ -103,10 +98,11 @@ class _FakeLib:
         self.cuda.log.append("update")
         if self.update_fails:
             return 1
-        self.cuda.exec_ops = list(self.cuda.graph_ops)
+        self.cuda.execs[exec_.value] = list(self.cuda.graph_ops)
         return 0
 
     def cudaGraphExecDestroy(self, exec_):
+        self.cuda.execs.pop(exec_.value)
         return 0
 
     def cudaFreeHost(self, ptr):
@@ -115,10 +111,10 @@ class _FakeLib:
 
 class _FakeCuda:
     """Records the CUDA calls; memcpys move numpy bytes, so the data path is checked too. While capturing,
-    copies are recorded instead of run, and a launch runs the instantiated (or updated) graph's copies."""
+    copies are recorded instead of run; a launch runs its instantiated (or updated) graph's copies."""
 
     def __init__(self):
-        self.log, self.capturing, self.graph_ops, self.exec_ops = [], False, [], []
+        self.log, self.capturing, self.graph_ops, self.execs = [], False, [], {}
         self.lib = _FakeLib(self)
 
     def pinned(self, n, dtype):
@@ -147,44 +143,65 @@ class _FakeCuda:
             self.capturing = False
             args[1]._obj.value = 1
         elif name == "cudaGraphInstantiate":
-            args[0]._obj.value = 7
-            self.exec_ops = list(self.graph_ops)
+            handle = 100 + len(self.log)
+            args[0]._obj.value = handle
+            self.execs[handle] = list(self.graph_ops)
+        elif name == "cudaGraphExecDestroy":
+            self.execs.pop(args[0].value)
         elif name == "cudaGraphLaunch":
-            for op in self.exec_ops:
+            for op in self.execs[args[0].value]:
                 self._copy(*op)
 
 
 def test_step_graph_captures_once_per_aux_layout_and_moves_token_and_logits():
     import numpy as np
 
-    from runtime.cuda_graph import AUX_ALIGN_PAGES, StepGraph
+    from runtime.cuda_graph import MAX_GRAPHS, StepGraph
 
     cuda, vocab = _FakeCuda(), 8
     token_dev = np.zeros(1, dtype=np.int32)
     calls = []
 
-    def run_step():  # "the VM": logits that depend on the token the device buffer holds
+    def run_step():  # "the VM": logits that depend on how often it ran
         calls.append(int(token_dev[0]))
-        logits = np.arange(vocab, dtype=np.float32) + 100 * len(calls)
-        return (_FakeTensor(logits),)
+        return (_FakeTensor(np.arange(vocab, dtype=np.float32) + 100 * len(calls)),)
 
     g = StepGraph(cuda, stream=1, page_size=16, run_step=run_step, token_ptr=token_dev.ctypes.data, vocab=vocab,
                   tvm_version="0.27.0.post1")
     out = g.step(5, tokens_after=20)  # warm-up: run plainly, nothing captured
     assert calls == [5] and int(token_dev[0]) == 5 and out[0] == 100 and "cudaStreamBeginCapture" not in cuda.log
-    keys = []
-    for i, tokens_after in enumerate(range(21, 21 + 16 * AUX_ALIGN_PAGES * 2)):
-        g.step(1000 + i, tokens_after)
-        keys.append(g.key)
-    # 21..148 tokens: pages 2..10 -> keys 1, 2, 3: three captures, one instantiation, two updates
-    assert g.counts["captures"] == 3 and g.counts["instantiations"] == 1 and cuda.log.count("update") == 2
-    assert g.counts["replays"] == 128 and len(calls) == 1 + 3  # the VM ran only at the warm-up and the captures
-    assert sorted(set(keys)) == [1, 2, 3]
+    for i, tokens_after in enumerate(range(21, 21 + 128)):
+        out = g.step(1000 + i, tokens_after)
+    # 21..148 tokens: pages 2..10 -> keys 1, 2, 3: three captures, three graphs, the VM run only for those
+    assert list(g.graphs) == [(1,), (2,), (3,)] and g.counts["captures"] == 3 == g.counts["instantiations"]
+    assert g.counts["replays"] == 128 and len(calls) == 1 + 3
     assert int(token_dev[0]) == 1000 + 127  # the replayed graph copied the last token in
     assert out is g.logits_out and out[0] == 400  # ... and the last capture's logits out
-    cuda.lib.update_fails = True  # a graph whose topology changed: instantiated anew
-    g.step(7, 16 * 4 * 3 + 1)
-    assert g.counts["instantiations"] == 2 and int(token_dev[0]) == 7
+    # back to a shorter sequence (a new prompt): its graph is still there, no capture
+    g.step(7, 30)
+    assert g.counts["captures"] == 3 and int(token_dev[0]) == 7 and out[0] == 200
+    # more keys than MAX_GRAPHS: the least recently used graph is updated in place, or re-instantiated
+    for tokens_after in range(149, 149 + 64 * 2):
+        g.step(9, tokens_after)
+    assert len(g.graphs) == MAX_GRAPHS and (1,) in g.graphs and (2,) not in g.graphs
+    assert cuda.log.count("update") == 1 and g.counts["instantiations"] == 4
+    cuda.lib.update_fails = True  # a changed topology: the evicted graph is destroyed, a new one instantiated
+    g.step(11, 64 * 6 + 1)
+    assert g.counts["instantiations"] == 5 and len(cuda.execs) == MAX_GRAPHS and int(token_dev[0]) == 11
+    g.close()
+    assert not cuda.execs and not g.graphs
+
+
+def test_sliding_window_layers_key_the_window_pages_too():
+    from runtime.cuda_graph import graph_key, window_pages
+
+    # window 64 = 4 pages of 16: once the sequence is longer, the window starts (n - 64) % 16 into its
+    # first page and spans 4 pages when that is 0, else 5 (TVM's GetLayerSlidingWindowNumPages)
+    assert [window_pages(n, 16, 64) for n in (0, 1, 64, 65, 80, 81)] == [0, 1, 4, 5, 4, 5]
+    assert graph_key(80, 16, 4, 64) == (2, 1) and graph_key(81, 16, 4, 64) == (2, 2)
+    # a long generation toggles between two window keys per page-list key: a handful of graphs in all
+    keys = {graph_key(n, 16, 4, 64) for n in range(1, 257)}
+    assert keys == {(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2)}
 
 
 def test_step_graph_capture_errors_end_the_capture_and_keep_no_graph():
@@ -199,4 +216,4 @@ def test_step_graph_capture_errors_end_the_capture_and_keep_no_graph():
     g.step(1, 2)
     with pytest.raises(RuntimeUserError, match="decode returned float16 .4,., expected float32 logits of 4"):
         g.step(2, 3)  # the capture sees the wrong logits: ended, nothing instantiated, no key
-    assert "end_capture_after_error" in cuda.log and g.key is None and not g.exec.value
+    assert "end_capture_after_error" in cuda.log and not g.graphs and not cuda.execs
