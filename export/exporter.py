@@ -312,8 +312,8 @@ def _cuda_graph_manifest(dt, mode: str | None) -> dict[str, Any]:
     if mode == "decode-step":
         return {"capturable": True, "mode": mode,
                 "why": "the runtime captures each decode step (embed + decode, the KV cache's attention calls "
-                       "included) as one CUDA graph and replays it with one launch, re-captured when the KV "
-                       "cache's page-table arrays move (every 4 pages; runtime/cuda_graph.py)"}
+                       "included) as one CUDA graph and replays it with one launch, one graph per layout of the KV "
+                       "cache's page-table arrays (it moves every 4 pages; runtime/cuda_graph.py)"}
     return {"capturable": True, "mode": mode,
             "why": "built with relax.backend.use_cuda_graph: the VM captures the static-shape regions of "
                    "decode between paged-KV-cache calls into CUDA graphs on the first call and replays them "
