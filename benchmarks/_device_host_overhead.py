@@ -29,7 +29,9 @@ def main() -> int:
 
     out = []
     for art in args.artifacts:
-        eng = Engine(art, device="cuda", verify=False, synthesize_weights=True)
+        # the plain VM path, piece by piece (a decode-step graph would replace all of it by one launch:
+        # e2e.py device-graph times that)
+        eng = Engine(art, device="cuda", verify=False, synthesize_weights=True, cuda_graph=False)
         eng.prefill(np.random.default_rng(0).integers(100, 1000, 128).tolist())
         for _ in range(16):
             eng.decode(5)

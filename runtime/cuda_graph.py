@@ -20,10 +20,11 @@ What a replay relies on, and how it is arranged:
   batch 1 only two of them change size: the sequence's page list and, with sliding-window layers, the
   window's page list. The offsets the kernels take as arguments therefore change only when one of
   them grows past a multiple of AUX_ALIGN_PAGES int32 entries (`graph_key`). Each key gets its graph,
-  captured on first use (0.8 ms) and kept among the last MAX_GRAPHS; a full sequence re-captures once
-  every 4 x page_size = 64 steps, a window's page count toggles between two keys that both stay.
-  Every step's logits equal plain VM calls' bit for bit across such changes
-  (benchmarks/results/e2e_gpu_graph*.json), which is what would break if another argument moved.
+  captured on first use (0.8 ms) and kept among the last MAX_GRAPHS; a growing sequence needs a new
+  one every 4 x page_size = 64 steps, a window's page count toggles between two keys that both stay.
+  Graphs of several keys may share intermediate blocks: never two at once, so that is fine too.
+  Every step's logits equal plain VM calls' bit for bit across such changes (`benchmarks/e2e.py
+  device-graph`, in benchmarks/results/cuda_graph_*_h100.json), which would break if another argument moved.
 - No host-to-device copy inside the graph. The cache copies its page table lazily, in the first call of
   a step that needs it; `get_query_positions` before the launch makes that copy happen outside, on the
   cache's copy stream, which the cache orders before its compute stream.
