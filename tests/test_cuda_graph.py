@@ -1,6 +1,7 @@
 """The decode-step CUDA graph's rules that need no GPU: which artifacts get one (export) and use one
 (runtime), and the page key a graph is valid for. The replay itself is checked on the GPU machine
-against plain VM calls, every step's logits (benchmarks/e2e.py device-graph -> e2e_gpu_graph.json)."""
+against plain VM calls, every step's logits bit for bit (benchmarks/e2e.py device-graph ->
+benchmarks/results/cuda_graph_*_h100.json)."""
 import pytest
 
 from export.errors import UserError as ExportError
