@@ -187,16 +187,18 @@ def check_add_norm(fn, k, gen):
 
 def check_decode_attn(fn, k, gen):
     """Split-KV paged decode attention for one sequence (pages out of order, a partial last page) against
-    torch float32 softmax attention; lse in log2 units. Two context lengths: short and long."""
+    torch float32 softmax attention; lse in log2 units. Two context lengths: short and long. With
+    k["sliding"], the layout the cache hands a sliding-window layer: the window's pages, the window starting
+    `offset` tokens into the first (the tokens before it are NaN, so reading one shows), length_info [3, 1]."""
     Hq, Hkv, D, P = k["N"], k["K"], k["G"], 16
     worst, finite = 0.0, True
-    for L in (37, 700):
-        n = -(-L // P)
+    for L, offset in ((37, 5), (700, 11)) if k.get("sliding") else ((37, 0), (700, 0)):
+        n = -(-(offset + L) // P)
         pages = torch.full((n + 3, 2, Hkv, P, D), float("nan"), device=DEV, dtype=torch.float16)
         order = torch.randperm(n + 3, device=DEV, generator=gen)[:n].int()
         kk = torch.randn((L, Hkv, D), device=DEV, generator=gen).half()
         vv = torch.randn((L, Hkv, D), device=DEV, generator=gen).half()
-        t = torch.arange(L, device=DEV)
+        t = torch.arange(L, device=DEV) + offset
         pages[order[t // P].long(), 0, :, t % P] = kk
         pages[order[t // P].long(), 1, :, t % P] = vv
         q = (torch.randn((1, Hq, D), device=DEV, generator=gen) * 2).half()
@@ -204,7 +206,9 @@ def check_decode_attn(fn, k, gen):
         lse = torch.full((1, Hq), float("nan"), device=DEV, dtype=torch.float32)
         i32 = lambda v: torch.tensor(v, device=DEV, dtype=torch.int32)  # noqa: E731
         scale = D ** -0.5
-        fn(ffi(q), ffi(pages), ffi(i32([0, n])), ffi(order.contiguous()), ffi(i32([L - (n - 1) * P])), ffi(i32([0])),
+        last = offset + L - (n - 1) * P
+        info = i32([[last], [offset], [0]]) if k.get("sliding") else i32([last])
+        fn(ffi(q), ffi(pages), ffi(i32([0, n])), ffi(order.contiguous()), ffi(info), ffi(i32([0])),
            ffi(i32([0])), ffi(out), ffi(lse), 0, 1.0, 1e4, scale)
         torch.cuda.synchronize()
         g = Hq // Hkv

@@ -106,6 +106,10 @@ def cmd_build(args) -> int:
         for label, (hq, hkv, d) in (("llama7b", (32, 32, 128)), ("smollm2", (9, 3, 64))):
             add(lib, f"attn_{lib}_{label}", decode_attention(hkv, hq, d, t), kind="decode_attn", set="fused",
                 label=label, N=hq, K=hkv, G=d, M=1, target=tname)
+        # the sliding-window variant (Gemma3's local layers: the window starts inside its first page)
+        for label, (hq, hkv, d) in (("gemma3_1b", (4, 1, 256)), ("smollm2", (9, 3, 64))):
+            add(lib, f"wattn_{lib}_{label}", decode_attention(hkv, hq, d, t, sliding_window=True), kind="decode_attn",
+                set="fused", label=f"{label}_window", N=hq, K=hkv, G=d, M=1, target=tname, sliding=True)
         # the decode GEMV with the gated MLP epilogue (export's gate_up): 7B and SmolLM2 shapes, gelu with K split
         for label, (N, K, G, act) in (("llama7b", (22016, 4096, 128, "silu")), ("smollm2", (3072, 576, 64, "silu")),
                                       ("gelu_ksplit", (512, 11008, 128, "gelu_tanh"))):

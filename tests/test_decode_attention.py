@@ -83,7 +83,8 @@ def test_cuda_exports_install_the_kernel(target, ours):
     proc = subprocess.run([sys.executable, "-c", _INSTALLED, target], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = ["batch_decode_paged_kv_split", "batch_prefill_ragged_kv_tc"] if ours else []
+    # the cache builds its sliding-window decode kernel into every module: ours too
+    expected = ["batch_decode_paged_kv_split", "batch_decode_paged_kv_split_window", "batch_prefill_ragged_kv_tc"] if ours else []
     assert proc.stdout.strip().splitlines()[-1] == str(expected)
 
 
@@ -93,5 +94,6 @@ def test_cuda_build(tmp_path, target, arch):
     build_and_check_cubin(tmp_path, target, arch, """
         from tvm_kernels.decode_attention import decode_attention
         funcs = {"attn_mha": decode_attention(32, 32, 128, t), "attn_gqa": decode_attention(3, 9, 64, t),
-                 "attn_d256": decode_attention(1, 4, 256, t)}
+                 "attn_d256": decode_attention(1, 4, 256, t),
+                 "attn_window": decode_attention(1, 4, 256, t, sliding_window=True)}
     """)

@@ -10,7 +10,9 @@ output and log-sum-exp to a workspace, and a second kernel merges the slices.
 Same signature and conventions as TVM's `batch_decode_paged_kv` (the paged KV cache calls it through
 its function table): q [B, H_qo, D], pages [P, 2, H_kv, page_size, D], page table (indptr, values),
 last-page lengths [B], output [B, H_qo, D], lse [B, H_qo] in log2 units. Full attention only
-(sliding-window layers keep TVM's kernel). Rotary embedding is applied before keys enter the cache
+and sliding-window layers (`sliding_window=True`: TVM's length_info [3, B] = last-page length, the
+window's offset into its first page, sink tokens; token j of the window sits at j + offset, past the
+sink, as in TVM's kernel). Rotary embedding is applied before keys enter the cache
 (RopeMode.NORMAL / NONE), so the rope arguments are accepted and unused; `applies_to(rope_mode)` says
 so for the caller.
 
@@ -73,9 +75,11 @@ def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTa
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target: "str | DeviceTarget",
-                     page_size: int = 16, dtype: str = "float16", override: dict[str, int] | None = None):
-    """The PrimFunc (CUDA targets, full attention; the CPU and sliding-window layers keep TVM's kernels).
-    `override`: bdz / splits replacing `config`'s (benchmark sweeps only)."""
+                     page_size: int = 16, dtype: str = "float16", override: dict[str, int] | None = None,
+                     sliding_window: bool = False):
+    """The PrimFunc (CUDA targets; the CPU keeps TVM's kernels). `sliding_window`: the variant the cache calls
+    for sliding-window layers (length_info [3, B]). `override`: bdz / splits replacing `config`'s
+    (benchmark sweeps only)."""
     from tvm.script import tirx as T
 
     dt = get_target(target)
@@ -88,6 +92,19 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
     # vector loops run 4 lanes at a time: CUDA has no 8-lane fp32 type, and TVM's codegen cannot emit an
     # 8-lane fp16 load into a local array (head_dim 256, e.g. Gemma3, takes VEC = 8)
     LV = min(VEC, 4)
+    SW = bool(sliding_window)
+
+    def visible(b, n_pages, info):
+        """Tokens attended: the pages' tokens, or, for a window, those past its offset plus the sink."""
+        if not SW:
+            return (n_pages - 1) * page_size + info[b]
+        return (n_pages - 1) * page_size + info[0, b] - info[1, b] + info[2, b]
+
+    def seq_offset(pos, b, info):
+        """Token `pos` of the attended ones -> its slot counted from the first listed page."""
+        if not SW:
+            return pos
+        return T.if_then_else(pos < info[2, b], pos, pos - info[2, b] + info[1, b])
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_split(
@@ -116,7 +133,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
         q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_off)  # noqa: F841
         output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
-        last_page_len = T.match_buffer(length_handle, (B,), "int32", elem_offset=length_off)
+        length_info = T.match_buffer(length_handle, (3, B) if SW else (B,), "int32", elem_offset=length_off)
 
         assert rotary_mode == 0, "decode_attention: rotary embedding must be applied before attention (RopeMode NORMAL/NONE)"
         with T.sblock("root"):
@@ -145,7 +162,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                         head: T.let[T.int32] = by * G + ty
                                         begin: T.let[T.int32] = indptr[bx]
                                         end: T.let[T.int32] = indptr[bx + 1]
-                                        span[2] = T.if_then_else(begin != end, (end - begin - 1) * page_size + last_page_len[bx], 0)
+                                        span[2] = T.if_then_else(begin != end, visible(bx, end - begin, length_info), 0)
                                         per: T.let[T.int32] = T.ceildiv(span[2], NS)
                                         span[0] = T.min(bz * per, span[2])
                                         span[1] = T.min(span[0] + per, span[2])
@@ -160,7 +177,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                             for j in T.unroll(TOK):
                                                 pos: T.let[T.int32] = span[0] + (it * bdz + tz) * TOK + j
                                                 # past the slice: read its last row again (an address that exists), mask the score
-                                                off: T.let[T.int32] = T.min(pos, span[1] - 1)
+                                                off: T.let[T.int32] = seq_offset(T.min(pos, span[1] - 1), bx, length_info)
                                                 page: T.let[T.int32] = values[begin + T.floordiv(off, page_size)]
                                                 slot: T.let[T.int32] = T.floormod(off, page_size)
                                                 for i0 in T.unroll(VEC // LV):
@@ -241,4 +258,5 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                             if tx == 0:
                                 lse[bx, h] = mx[0] + T.log2(mx[1])
 
-    return batch_decode_paged_kv_split
+    # the cache builds both variants into every module, so they need names of their own
+    return batch_decode_paged_kv_split.with_attr("global_symbol", "batch_decode_paged_kv_split" + ("_window" if SW else ""))
