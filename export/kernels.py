@@ -54,9 +54,9 @@ def make_norm_ops(device_target):
 
 @contextmanager
 def attention_kernels(device_target, rope_mode: int):
-    """While TVM's paged KV cache is being built, hand it our CUDA attention kernels for full-attention
-    fp16 layers: tvm_kernels.decode_attention (split-KV decode) and tvm_kernels.prefill_attention
-    (tensor-core prefill over the new tokens); the decode kernel serves sliding-window layers too.
+    """While TVM's paged KV cache is being built, hand it our CUDA attention kernels for fp16 layers:
+    tvm_kernels.decode_attention (split-KV decode, full-attention and sliding-window layers) and
+    tvm_kernels.prefill_attention (tensor-core prefill over the new tokens).
 
     The cache has no parameter for this: TIRPagedKVCache looks its kernel builders up by name in
     tvm.relax.frontend.nn.llm.kv_cache when constructed, so the names are swapped for the duration of

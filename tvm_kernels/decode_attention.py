@@ -9,10 +9,10 @@ output and log-sum-exp to a workspace, and a second kernel merges the slices.
 
 Same signature and conventions as TVM's `batch_decode_paged_kv` (the paged KV cache calls it through
 its function table): q [B, H_qo, D], pages [P, 2, H_kv, page_size, D], page table (indptr, values),
-last-page lengths [B], output [B, H_qo, D], lse [B, H_qo] in log2 units. Full attention only
-and sliding-window layers (`sliding_window=True`: TVM's length_info [3, B] = last-page length, the
-window's offset into its first page, sink tokens; token j of the window sits at j + offset, past the
-sink, as in TVM's kernel). Rotary embedding is applied before keys enter the cache
+last-page lengths [B], output [B, H_qo, D], lse [B, H_qo] in log2 units. The variant for sliding-window
+layers (`sliding_window=True`, Gemma3's local layers) takes TVM's length_info [3, B] instead: last-page
+length, the window's offset into its first page, sink tokens; attended token j sits at slot j + offset
+past the sink, as in TVM's kernel. Rotary embedding is applied before keys enter the cache
 (RopeMode.NORMAL / NONE), so the rope arguments are accepted and unused; `applies_to(rope_mode)` says
 so for the caller.
 
