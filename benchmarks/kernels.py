@@ -34,6 +34,9 @@ CARRY = REPO / ".gpu" / "kernels"
 
 LLAMA7B = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
 SMOLLM2 = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]
+# ~1B models' long-K GEMVs with few rows, where the heuristic drops to one row per thread (--sweep-small)
+SMALL_LONG_K = [("gemma3_1b_down", 1152, 6912), ("llama32_1b_down", 2048, 8192), ("llama32_1b_o", 2048, 2048),
+                ("qwen05b_down", 896, 4864)]
 ODD = [(100, 576, 64, 3), (960, 352, 32, 8), (77, 640, 128, 1), (130, 1536, 64, 5)]
 
 
@@ -70,6 +73,23 @@ def _sweep_configs():
     for M in (4, 8):
         out += [(M, C(32, r, ty, u)) for r, ty, u in ((4, 4, 2), (8, 4, 2), (4, 2, 2), (8, 2, 1))]
     return out
+
+
+def _small_sweep_configs(N: int, K: int, target):
+    """Tilings of a short, long-K GEMV at M = 1: the heuristic first, then K split over 2 / 4 warps."""
+    from tvm_kernels.gemv_w4a16 import CudaConfig as C, cuda_config
+
+    base = cuda_config(N, K, 1, target)
+    out = [base] + [C(32, r, ty, u, ksplit=ks) for r, ty, u, ks in
+                    ((1, 4, 1, 2), (1, 4, 2, 2), (1, 4, 1, 4), (1, 2, 1, 4), (2, 2, 1, 4), (2, 4, 1, 2), (1, 8, 1, 2),
+                     (2, 2, 1, 2))]
+    seen, uniq = set(), []
+    for c in out:
+        key = (c.rows, c.ty, c.unroll, c.ksplit)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(c)
+    return uniq
 
 
 def cmd_build(args) -> int:
@@ -164,6 +184,8 @@ def cmd_build(args) -> int:
                     add(lib, f"pattn_stock_{label}", stock, kind="prefill_attn", set="attn", label=label,
                         N=hq, K=hkv, G=d, M=0, target=tname, impl="tvm-stock")
             continue
+        if args.sweep_small:
+            continue
         if args.fused_only:
             # and the prefill GEMM as export builds it (cp.async on): odd shapes and one 7B shape, checked
             from tvm_kernels.gemm_w4a16 import gemm_w4a16
@@ -188,7 +210,13 @@ def cmd_build(args) -> int:
                 add("sm90sweep", f"gemv_sweep_{label}_m{Ms}_c{j}", gemv_w4a16(N, K, 128, sm90, M=Ms, config=cfg),
                     kind="gemv", set="sweep", label=label, N=N, K=K, G=128, M=Ms, target="cuda-sm90",
                     config=dataclasses.asdict(cfg))
-    gemm = None if args.fused_only or args.attention_only else _try_gemm()
+    if args.sweep_small:
+        for label, N, K in SMALL_LONG_K:
+            for j, cfg in enumerate(_small_sweep_configs(N, K, sm90)):
+                add("sm90small", f"gemv_small_{label}_c{j}", gemv_w4a16(N, K, 128, sm90, M=1, config=cfg),
+                    kind="gemv", set="sweep", label=label, N=N, K=K, G=128, M=1, target="cuda-sm90",
+                    config=dataclasses.asdict(cfg), heuristic=j == 0)
+    gemm = None if args.fused_only or args.attention_only or args.sweep_small else _try_gemm()
     if gemm is not None:
         for label, N, K in LLAMA7B:
             add("gemm90", f"gemm_sm90_llama7b_{label}", gemm(N, K, 128, sm90), kind="gemm", set="llama7b",
@@ -383,6 +411,8 @@ def main() -> int:
     b.add_argument("--out", default=str(CARRY))
     b.add_argument("--sweep", action="store_true", help="also build tiling variants of the Llama-2-7B GEMVs")
     b.add_argument("--fused-only", action="store_true", help="only the add+RMSNorm and decode-attention kernels")
+    b.add_argument("--sweep-small", action="store_true",
+                   help="only tilings of ~1B models' long-K GEMVs (SMALL_LONG_K) and the fused-kernel checks")
     b.add_argument("--attention-only", action="store_true", help="only the prefill attention kernels (ours, TVM's)")
     b.set_defaults(func=cmd_build)
     c = sub.add_parser("collect")

@@ -147,6 +147,22 @@ def test_cuda_config_is_valid_for_decode_shapes(target):
             assert c.tx * c.ksplit <= max(4, K // 32) or c.tx == 4  # no lane group without any chunk
 
 
+def test_cuda_config_batch1_rules():
+    # the H100 sweeps' picks at M = 1 (gemv_sweep_tiles_h100.json, gemv_sweep_small_h100.json)
+    from tvm_kernels.gemv_w4a16 import cuda_config
+    from tvm_kernels.targets import get_target
+
+    t = get_target("cuda-sm90")
+    pick = {name: cuda_config(N, K, 1, t) for name, N, K in
+            (("7b_qkv", 12288, 4096), ("7b_down", 4096, 11008), ("gemma3_1b_down", 1152, 6912),
+             ("llama32_1b_o", 2048, 2048), ("smollm2_down", 576, 1536))}
+    assert (pick["7b_qkv"].rows, pick["7b_qkv"].ty, pick["7b_qkv"].ksplit) == (4, 2, 1)
+    assert (pick["7b_down"].rows, pick["7b_down"].ksplit, pick["7b_down"].unroll) == (2, 2, 1)
+    for name in ("gemma3_1b_down", "llama32_1b_o"):  # short matrices, long K: K over four warps
+        assert (pick[name].rows, pick[name].ty, pick[name].ksplit, pick[name].unroll) == (2, 2, 4, 1)
+    assert pick["smollm2_down"].ksplit == 1  # K < 2048 keeps the general rule
+
+
 # ---------------------------------------------------------------------------------------------
 # The CPU attention kernels that export/cpu_schedule.py swaps in for TVM's paged-KV-cache ones
 # (same signatures), against numpy. Stale NaN rows in the last page must never reach the output.
