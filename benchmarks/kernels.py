@@ -1,6 +1,7 @@
 """W4A16 kernel benchmark: builds here, checks and times on the GPU machine, CPU numbers here.
 
-  python benchmarks/kernels.py build [--sweep]   # CUDA libraries + plan -> .gpu/kernels/ (the carry folder)
+  python benchmarks/kernels.py build [--sweep | --sweep-small | --fused-only | --attention-only]
+                                                 # CUDA libraries + plan -> .gpu/kernels/ (the carry folder)
   # on the GPU machine (run tool, carry .gpu/tvmrt and .gpu/kernels):
   #   python3 -m pip install -q --no-index --no-deps --target /tmp/tvmrt .gpu/tvmrt/*.whl &&
   #   PYTHONPATH=/tmp/tvmrt:.gpu/tvmrt python3 benchmarks/_device_kernels.py .gpu/kernels $OUT
