@@ -209,48 +209,44 @@ class Engine:
         self.cached = []
 
     def _embed(self, ids: np.ndarray, out=None):
-        t = self.to_device(ids.astype(np.int32), out)
-        e = self.fn["embed"](t, self.params)
-        return self._view(e, self.ffi.Shape([1, len(ids), self.hidden]), e.dtype, 0)
+        return self._embed_tensor(self.to_device(ids.astype(np.int32), out), len(ids))
 
-    def _forward(self, fn: str, ids: np.ndarray):
-        n = len(ids)
+    def _embed_tensor(self, t, n: int):
+        e = self.fn["embed"](t, self.params)
+        return self._view(e, self.ffi.Shape([1, n, self.hidden]), e.dtype, 0)
+
+    @contextlib.contextmanager
+    def _forward_of(self, ids: Sequence[int]):
+        """Around one forward of `ids`: the engine's stream, the KV cache's begin and end, then `cached` grows.
+        A failure forgets the sequence: the cache has room reserved for tokens whose keys were never written,
+        so `cached` could no longer be trusted (the next prompt is prefilled from its start)."""
         with self._on_stream():
-            self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([n]))
+            self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([len(ids)]))
             try:
-                out = self.fn[fn](self._embed(ids, self._token_buf if n == 1 else None), self.kv, self.params)
+                yield
             except BaseException:
-                self._abandon()
+                try:
+                    self._kv_end(self.kv)
+                finally:
+                    self.reset()
                 raise
             self._kv_end(self.kv)
         self.cached.extend(int(i) for i in ids)
-        return out
 
-    def _abandon(self):
-        """After a failed forward: the cache has room reserved for tokens whose keys were never written, so
-        forget the sequence (the next prompt is prefilled from its start) rather than trust `cached`."""
-        try:
-            self._kv_end(self.kv)
-        finally:
-            self.reset()
+    def _forward(self, fn: str, ids: np.ndarray):
+        with self._forward_of(ids):
+            out = self.fn[fn](self._embed(ids, self._token_buf if len(ids) == 1 else None), self.kv, self.params)
+        return out
 
     def _decode_calls(self):
         """One decode step's VM calls on the token in _token_buf: what a step graph captures."""
-        e = self.fn["embed"](self._token_buf, self.params)
-        x = self._view(e, self.ffi.Shape([1, 1, self.hidden]), e.dtype, 0)
-        return self.fn["decode"](x, self.kv, self.params), e, x
+        x = self._embed_tensor(self._token_buf, 1)
+        return self.fn["decode"](x, self.kv, self.params), x
 
     def _graph_step(self, token: int) -> np.ndarray:
-        with self._on_stream():
-            self._kv_begin(self.kv, self.ffi.Shape([SEQ_ID]), self.ffi.Shape([1]))
-            try:
-                self._qpos(self.kv)  # the page table goes to the device now, outside the graph
-                logits = self.graph.step(int(token), len(self.cached) + 1).copy()
-            except BaseException:
-                self._abandon()
-                raise
-            self._kv_end(self.kv)
-        self.cached.append(int(token))
+        with self._forward_of([token]):
+            self._qpos(self.kv)  # the page table goes to the device now, outside the graph
+            logits = self.graph.step(int(token), len(self.cached) + 1).copy()
         return logits
 
     def _check_fits(self, n_total: int):

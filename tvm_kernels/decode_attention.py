@@ -93,18 +93,8 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
     # 8-lane fp16 load into a local array (head_dim 256, e.g. Gemma3, takes VEC = 8)
     LV = min(VEC, 4)
     SW = bool(sliding_window)
-
-    def visible(b, n_pages, info):
-        """Tokens attended: the pages' tokens, or, for a window, those past its offset plus the sink."""
-        if not SW:
-            return (n_pages - 1) * page_size + info[b]
-        return (n_pages - 1) * page_size + info[0, b] - info[1, b] + info[2, b]
-
-    def seq_offset(pos, b, info):
-        """Token `pos` of the attended ones -> its slot counted from the first listed page."""
-        if not SW:
-            return pos
-        return T.if_then_else(pos < info[2, b], pos, pos - info[2, b] + info[1, b])
+    # the cache's own length and token-to-slot rules, so this kernel attends exactly where TVM's would
+    from tvm.relax.frontend.nn.llm._kernel_common import _get_kv_chunk_len, _get_seq_offset
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_split(
@@ -162,7 +152,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                         head: T.let[T.int32] = by * G + ty
                                         begin: T.let[T.int32] = indptr[bx]
                                         end: T.let[T.int32] = indptr[bx + 1]
-                                        span[2] = T.if_then_else(begin != end, visible(bx, end - begin, length_info), 0)
+                                        span[2] = T.if_then_else(begin != end, _get_kv_chunk_len(end - begin, page_size, bx, length_info, SW), 0)
                                         per: T.let[T.int32] = T.ceildiv(span[2], NS)
                                         span[0] = T.min(bz * per, span[2])
                                         span[1] = T.min(span[0] + per, span[2])
@@ -177,7 +167,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                             for j in T.unroll(TOK):
                                                 pos: T.let[T.int32] = span[0] + (it * bdz + tz) * TOK + j
                                                 # past the slice: read its last row again (an address that exists), mask the score
-                                                off: T.let[T.int32] = seq_offset(T.min(pos, span[1] - 1), bx, length_info)
+                                                off: T.let[T.int32] = _get_seq_offset(T.min(pos, span[1] - 1), bx, length_info, SW)
                                                 page: T.let[T.int32] = values[begin + T.floordiv(off, page_size)]
                                                 slot: T.let[T.int32] = T.floormod(off, page_size)
                                                 for i0 in T.unroll(VEC // LV):
