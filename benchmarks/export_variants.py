@@ -1,0 +1,103 @@
+"""Weights-less cuda-sm90 exports for side-by-side experiments (benchmarks/e2e.py device-ab / device-graph),
+each into .gpu/h5/NAME. A variant either exports a model shape that prepare-gpu does not build, or patches one
+constant of the export for the duration of its build (an experiment measured and, where it lost, not kept).
+
+  .venv/bin/python benchmarks/export_variants.py NAME [NAME ...]
+
+  llama7b-w4-fused    the 7B with its norms inside the decode GEMVs (FUSED_NORMS_MAX_HIDDEN raised to 8192)
+                      -> cuda_graph_ab_h100.json (x0.97, not kept)
+  smol-s32, smol-s64  SmolLM2 W4 g64 with decode attention cut into at most 32 / 64 context slices
+                      -> decode_attn_splits_ab_h100.json (64: x0.85-0.91, not kept)
+  gemma3-tiny         tests/tiny_models.py's Gemma3 with a 64-token window, W4 g64, context 1024
+  gemma3-1b           Gemma3-1B's shapes (hidden 1152, 26 layers, 5 local : 1 global, window 512, head_dim 256), W4 g64
+  gemma3-1b-regions   the same with TVM's regional CUDA graphs (--cuda-graph regions)
+                      -> cuda_graph_sliding_h100.json, gemv_small_ab_h100.json (the gemma3-1b baselines there are
+                         this variant exported at the commits those files' notes name)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GEMMA3_1B = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=1152, intermediate_size=6912,
+                 num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                 max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                 sliding_window=512, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+                 layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(26)],
+                 tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, torch_dtype="bfloat16")
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def splits_capped(cap: int):
+    """decode_attention.config with the context cut into at most `cap` slices (the shipped cap is 32)."""
+    import tvm_kernels.decode_attention as da
+
+    base = da.config
+
+    def config(num_qo_heads, num_kv_heads, head_dim, target):
+        c = base(num_qo_heads, num_kv_heads, head_dim, target)
+        c["splits"] = max(1, min(cap, -(-4 * target.num_sms // num_kv_heads)))
+        return c
+
+    return patched(da, "config", config)
+
+
+VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+
+
+def export(name: str):
+    import export.model as model
+    from benchmarks.e2e import GPU_DIR, LLAMA2_7B, SMOL_FP16
+    from export.exporter import export_config
+
+    out = GPU_DIR / name
+    if name == "llama7b-w4-fused":
+        with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):
+            return export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)
+    if name in ("smol-s32", "smol-s64"):
+        smol = json.loads((SMOL_FP16 / "config.json").read_text())
+        with splits_capped(int(name[-2:])):
+            return export_config(smol, "cuda-sm90", out, group_size=64, force=True, context_length=4096)
+    if name == "gemma3-tiny":
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_models import tiny_config
+
+        tiny = tiny_config("gemma3", sliding_window=64, max_position_embeddings=2048).to_dict()
+        tiny["architectures"] = ["Gemma3ForCausalLM"]
+        return export_config(tiny, "cuda-sm90", out, group_size=64, force=True, context_length=1024)
+    if name in ("gemma3-1b", "gemma3-1b-regions"):
+        mode = "regions" if name.endswith("regions") else "step"
+        return export_config(GEMMA3_1B, "cuda-sm90", out, group_size=64, force=True, context_length=4096, cuda_graph=mode)
+    raise AssertionError(name)  # main checked the names
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        raise SystemExit(__doc__)
+    unknown = [n for n in argv if n not in VARIANTS]
+    if unknown:  # before anything is built
+        raise SystemExit(f"export_variants.py: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)}")
+    from tvm_kernels.cuda_env import prepare_cuda_build
+
+    prepare_cuda_build()
+    for name in argv:
+        print(name, export(name), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
