@@ -8,6 +8,9 @@ constant of the export for the duration of its build (an experiment measured and
                       -> cuda_graph_ab_h100.json (x0.97, not kept)
   smol-s32, smol-s64  SmolLM2 W4 g64 with decode attention cut into at most 32 / 64 context slices
                       -> decode_attn_splits_ab_h100.json (64: x0.85-0.91, not kept)
+  llama7b-w4-pfA-D   the 7B with its decode GEMVs prefetching A MB of the next GEMV's matrix into L2 after the
+  smol-pfA-D          attention and D MB elsewhere (gemv_w4a16.PREFETCH_*_BYTES; 0-0 = no prefetch); SmolLM2 W4 g64
+                      the same -> l2_prefetch_ab_h100.json
   gemma3-tiny         tests/tiny_models.py's Gemma3 with a 64-token window, W4 g64, context 1024
   gemma3-1b           Gemma3-1B's shapes (hidden 1152, 26 layers, 5 local : 1 global, window 512, head_dim 256), W4 g64
   gemma3-1b-regions   the same with TVM's regional CUDA graphs (--cuda-graph regions)
@@ -56,6 +59,14 @@ def splits_capped(cap: int):
     return patched(da, "config", config)
 
 
+def prefetch_budgets(name: str):
+    """(after attention, elsewhere) in bytes from a name ending in -pfA-D (MB), or None."""
+    import re
+
+    m = re.fullmatch(r"(llama7b-w4|smol)-pf(\d+)-(\d+)", name)
+    return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20)
+
+
 VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
@@ -65,6 +76,13 @@ def export(name: str):
     from export.exporter import export_config
 
     out = GPU_DIR / name
+    if prefetch_budgets(name):
+        import tvm_kernels.gemv_w4a16 as gemv
+
+        after, elsewhere = prefetch_budgets(name)
+        cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
+        with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
+            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):
             return export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)
@@ -88,7 +106,7 @@ def export(name: str):
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    unknown = [n for n in argv if n not in VARIANTS]
+    unknown = [n for n in argv if n not in VARIANTS and not prefetch_budgets(n)]
     if unknown:  # before anything is built
         raise SystemExit(f"export_variants.py: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)}")
     from tvm_kernels.cuda_env import prepare_cuda_build

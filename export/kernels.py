@@ -139,48 +139,66 @@ def _tvm_kernels_linear(target):
 
     try:
         from tvm_kernels.gemm_w4a16 import gemm_w4a16
-        from tvm_kernels.gemv_w4a16 import gemv_w4a16
+        from tvm_kernels.gemv_w4a16 import gemv_w4a16, l2_prefetch_plan
     except ImportError as e:
         raise UserError(f"--kernels tvm_kernels: the kernels are not available ({e}); use --kernels dequant") from None
     cache: dict = {}
 
     def kernel(N: int, K: int, G: int, decode: bool, glu: str | None = None, norm_eps: float | None = None,
-               residual: bool = False):
-        key = (N, K, G, decode, glu, norm_eps, residual)
+               residual: bool = False, prefetch=None):
+        key = (N, K, G, decode, glu, norm_eps, residual, prefetch)
         if key not in cache:
             # the prefill GEMM launches without PDL: its blocks (large shared memory) parked early on the
             # SMs cost the 7B 2.3 ms of time to first token (tvm_kernels/pdl.py)
-            f = (gemv_w4a16(N, K, G, target, M=1, glu=glu, norm_eps=norm_eps, residual=residual) if decode
-                 else gemm_w4a16(N, K, G, target).with_attr(SKIP_ATTR, True))
+            f = (gemv_w4a16(N, K, G, target, M=1, glu=glu, norm_eps=norm_eps, residual=residual, prefetch=prefetch)
+                 if decode else gemm_w4a16(N, K, G, target).with_attr(SKIP_ATTR, True))
             # The builders name their PrimFunc "main"; the module gives each its own symbol.
             cache[key] = f.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
         return cache[key]
 
-    def linear(x, weight, scales, zeros, N: int, K: int, G: int):
+    def _prefetch(nxt):
+        """(extra args, L2Prefetch, name suffix) for `nxt` = (weight, scales, zeros, L2Prefetch) or None."""
+        if nxt is None:
+            return [], None, ""
+        pw, ps, pz, plan = nxt
+        return [pw, ps, pz], plan, f"_pf{plan.rows}"
+
+    def linear(x, weight, scales, zeros, N: int, K: int, G: int, prefetch=None):
         M = x.shape[0]
         decode = isinstance(M, int) and M == 1
-        name = f"{'gemv' if decode else 'gemm'}_w4a16_n{N}_k{K}_g{G}"
-        return op.tensor_ir_op(kernel(N, K, G, decode), name, [x, weight, scales, zeros],
+        extra, plan, suffix = _prefetch(prefetch if decode else None)
+        name = f"{'gemv' if decode else 'gemm'}_w4a16_n{N}_k{K}_g{G}{suffix}"
+        return op.tensor_ir_op(kernel(N, K, G, decode, prefetch=plan), name, [x, weight, scales, zeros, *extra],
                                Tensor.placeholder([M, N], "float16"))
 
-    def decode(x, weight, scales, zeros, N: int, K: int, G: int, *, glu: str | None = None, norm=None, residual=None):
+    def decode(x, weight, scales, zeros, N: int, K: int, G: int, *, glu: str | None = None, norm=None, residual=None,
+               prefetch=None):
         """The decode GEMV with its neighbours inside, or None where there is no such kernel (prefill, other
         activations): the model then runs them as ops of their own.
         `glu`: act(gate) * up, rows interleaved gate and up (export/exporter.py); `norm` = (gamma, eps): x is
-        the residual stream, normalized in the kernel; `residual`: a tensor [1, N] added to the output."""
+        the residual stream, normalized in the kernel; `residual`: a tensor [1, N] added to the output;
+        `prefetch`: (weight, scales, zeros, L2Prefetch) of the next GEMV (`linear.l2_prefetch`)."""
         from tvm_kernels.gemv_w4a16 import GLU_ACTIVATIONS
 
         M = x.shape[0]
         if not (isinstance(M, int) and M == 1) or (glu is not None and glu not in GLU_ACTIVATIONS):
             return None
         gamma, eps = norm if norm is not None else (None, None)
+        extra, plan, suffix = _prefetch(prefetch)
         args = [x, weight, scales, zeros] + ([gamma] if norm is not None else []) + (
-            [residual] if residual is not None else [])
+            [residual] if residual is not None else []) + extra
         name = "gemv_w4a16" + "".join(f"_{p}" for p, on in (("norm", norm is not None), (glu, glu is not None),
                                                             ("add", residual is not None)) if on)
-        return op.tensor_ir_op(kernel(N, K, G, True, glu, eps, residual is not None), f"{name}_n{N}_k{K}_g{G}",
-                               args, Tensor.placeholder([M, N // 2 if glu else N], "float16"))
+        return op.tensor_ir_op(kernel(N, K, G, True, glu, eps, residual is not None, plan),
+                               f"{name}_n{N}_k{K}_g{G}{suffix}", args,
+                               Tensor.placeholder([M, N // 2 if glu else N], "float16"))
+
+    def l2_prefetch(N: int, K: int, G: int, after_attention: bool):
+        """What a decode GEMV prefetches of the next one (N x K, group G), or None (tvm_kernels.gemv_w4a16's
+        l2_prefetch_plan for this target)."""
+        return l2_prefetch_plan(N, K, G, target, after_attention=after_attention)
 
     if get_target(target).is_cuda:  # the CPU GEMV has none of these epilogues and prologues
         linear.decode = decode
+        linear.l2_prefetch = l2_prefetch
     return linear

@@ -289,6 +289,15 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
             self.scales = nn.Parameter((out_features, in_features // group_size), "float16")
             self.zeros = nn.Parameter((out_features, in_features // group_size), "float16")
             self.bias = nn.Parameter((out_features,), "float16") if bias else None
+            # the next decode GEMV of a step (link_decode_chain); a function, so that nn.Module does not
+            # count the other linear's parameters as this one's
+            self._prefetch = lambda: None
+
+        def prefetch_next(self, nxt: "W4Linear", after_attention: bool):
+            plan_of = getattr(linear_op, "l2_prefetch", None)
+            plan = plan_of(nxt.N, nxt.K, nxt.G, after_attention) if plan_of else None
+            if plan is not None:
+                self._prefetch = lambda: (nxt.weight, nxt.scales, nxt.zeros, plan)
 
         @staticmethod
         def _rows(x):
@@ -299,7 +308,9 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
 
         def forward(self, x):
             lead, x2 = self._rows(x)
-            y = linear_op(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G)
+            pf = self._prefetch()
+            y = (linear_op(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G) if pf is None else
+                 linear_op(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G, prefetch=pf))
             if self.bias is not None:
                 y = y + self.bias
             return op.reshape(y, (*lead, self.N))
@@ -313,7 +324,8 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                 return None  # a bias belongs before the activation and the residual add
             lead, x2 = self._rows(x)
             r2 = None if residual is None else self._rows(residual)[1]
-            h = fused(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G, glu=glu, norm=norm, residual=r2)
+            h = fused(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G, glu=glu, norm=norm, residual=r2,
+                      prefetch=self._prefetch())
             if h is None:
                 return None
             if self.bias is not None:
@@ -564,6 +576,18 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                 and layer is Layer and fam.norm == "rms" and fam.gated_mlp and not fam.linear_bias
                 and not fam.qk_norm and isinstance(b, int) and isinstance(s, int) and b * s == 1)
 
+    def link_decode_chain(layers):
+        """Each W4 linear learns the next one a decode step runs (qkv, o, gate_up / up, down, the next layer's
+        qkv), whose leading rows its GEMV prefetches into L2 where the provider does that (sm_90)."""
+        chain = []
+        for lyr in layers:
+            m = lyr.mlp
+            chain += [(lyr.self_attn.qkv_proj, True), (lyr.self_attn.o_proj, False),
+                      (m.gate_up_proj if hasattr(m, "gate_up_proj") else m.up_proj, False), (m.down_proj, False)]
+        for (a, after_attention), (b, _) in zip(chain, chain[1:]):
+            if isinstance(a, W4Linear) and isinstance(b, W4Linear):
+                a.prefetch_next(b, after_attention)
+
     class Decoder(nn.Module):
         def __init__(self):
             tied_int8 = int8_head and cfg.tie_word_embeddings
@@ -574,6 +598,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                                                     cfg.hidden_size, dtype="float16")
             self.layers = nn.ModuleList([layer() for _ in range(cfg.num_hidden_layers)])
             self.norm = norm()
+            link_decode_chain(self.layers)
 
         def forward(self, x, kv):
             positions = None

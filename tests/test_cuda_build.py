@@ -20,7 +20,7 @@ _BUILD = textwrap.dedent(
     from tvm_kernels.cuda_env import prepare_cuda_build
     prepare_cuda_build(embed_ptx=sys.argv[3] == "ptx")
     import tvm
-    from tvm_kernels.gemv_w4a16 import CudaConfig, gemv_w4a16
+    from tvm_kernels.gemv_w4a16 import CudaConfig, L2Prefetch, gemv_w4a16
     from tvm_kernels.targets import get_target
     t = get_target(sys.argv[1])
     funcs = {
@@ -37,6 +37,9 @@ _BUILD = textwrap.dedent(
         "gemv_norm_glu": gemv_w4a16(3072, 576, 64, t, M=1, glu="silu", norm_eps=1e-6),
         "gemv_residual_ksplit": gemv_w4a16(4096, 11008, 128, t, M=1, residual=True),
     }
+    if t.sm >= 90:  # the L2 prefetch epilogue (sm_90's bulk prefetch): a gated GEMV prefetching down_proj's rows
+        funcs["gemv_glu_prefetch"] = gemv_w4a16(3072, 576, 64, t, M=1, glu="silu",
+                                                prefetch=L2Prefetch(576, 1536, 64, 576))
     mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
     with t.tvm_target() as target:
         lib = tvm.compile(mod, target=target)

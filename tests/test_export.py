@@ -413,6 +413,11 @@ with dt.tvm_target():
                                 make_norm_ops(dt), lambda mode: attention_kernels(dt, mode))
     mod, _ = module.export_tvm(spec=spec)
 print(sorted(gv.name_hint for gv in mod.get_global_vars() if "norm" in gv.name_hint))
+import json
+from tvm import tirx
+print(json.dumps({gv.name_hint: [int(d) for d in f.params[-4].shape]
+                  for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)
+                  and [p.name for p in f.params][-4:-1] == ["pf_w", "pf_s", "pf_z"]}))
 """
 
 
@@ -426,6 +431,10 @@ def test_decode_fuses_the_norms_for_small_cuda_models(target, hidden, fused):
     proc = subprocess.run([sys.executable, "-c", _FUSED_NORMS, target, str(hidden)], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = proc.stdout.strip().splitlines()[-1]
+    names, prefetch = proc.stdout.strip().splitlines()[-2:]
     assert ("gemv_w4a16_norm" in names) is fused, names
     assert "add_rms_norm" in names  # prefill's
+    # the L2 prefetch chain (sm_90): o_proj's GEMV prefetches gate_up's matrix [2 I, H / 8], gate_up's down's
+    # [H, I / 8]; qkv's none (PREFETCH_AFTER_ATTENTION_BYTES), the last down none (nothing after it)
+    shapes = sorted(map(tuple, json.loads(prefetch).values()))
+    assert shapes == ([] if target == "cpu" else sorted([(512, hidden // 8), (hidden, 256 // 8)])), prefetch

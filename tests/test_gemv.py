@@ -112,6 +112,31 @@ def test_fused_neighbours_signatures_and_errors():
         gemv_w4a16(960, 576, 64, "cuda-sm90", glu="silu", residual=True)
 
 
+def test_l2_prefetch_plan_and_signature():
+    # what a decode GEMV prefetches of the next one: leading rows in steps of 16 within the budget, every region
+    # a multiple of the bulk prefetch's 16 bytes; sm_90+ only (no bulk prefetch before), none for a zero budget
+    from tvm_kernels import gemv_w4a16 as g
+
+    for N, K, G in ((22016, 4096, 128), (4096, 11008, 128), (576, 1536, 64), (100, 352, 32), (12288, 4096, 128)):
+        plan = g.l2_prefetch_plan(N, K, G, "cuda-sm90", after_attention=False)
+        row_bytes = K // 2 + 4 * (K // G)
+        assert plan.rows % 16 == 0 and 0 < plan.rows <= N
+        assert plan.rows * row_bytes <= g.PREFETCH_BYTES < (plan.rows + 16) * row_bytes or plan.rows == N - N % 16
+        assert all(size % 16 == 0 for _, size in plan.regions())
+        assert sum(size for _, size in plan.regions()) == plan.rows * row_bytes
+    for target in ("cpu", "jetson-orin", "cuda-sm86", "cuda-sm89", "cuda-sm120"):
+        assert g.l2_prefetch_plan(4096, 4096, 128, target, after_attention=False) is None
+    assert (g.l2_prefetch_plan(4096, 4096, 128, "cuda-sm90", after_attention=True) is None) == (
+        g.PREFETCH_AFTER_ATTENTION_BYTES == 0)
+    f = gemv_w4a16(4096, 4096, 128, "cuda-sm90", residual=True, prefetch=g.L2Prefetch(22016, 4096, 128, 1024))
+    assert [p.name for p in f.params] == ["x", "weight", "scales", "zeros", "r_in", "pf_w", "pf_s", "pf_z", "y"]
+    assert [int(d) for d in f.params[5].shape] == [22016, 512]
+    with pytest.raises(UserError, match="bulk prefetch; target jetson-orin"):
+        gemv_w4a16(4096, 4096, 128, "jetson-orin", prefetch=g.L2Prefetch(4096, 4096, 128, 16))
+    with pytest.raises(UserError, match="multiple of 16"):
+        gemv_w4a16(4096, 4096, 128, "cuda-sm90", prefetch=g.L2Prefetch(4096, 4096, 128, 100))
+
+
 @pytest.mark.parametrize("args", [(64, 100, 32, 1), (64, 256, 48, 1), (64, 256, 64, 9), (64, 256, 64, 0)])
 def test_bad_shapes_raise_user_error(args):
     N, K, G, M = args

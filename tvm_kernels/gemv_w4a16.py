@@ -22,6 +22,9 @@ Why this shape of kernel (CUDA; one TIR schedule, tiled by `cuda_config` from th
   gated MLP's act(gate) * up (epilogue), the residual add (epilogue) and the RMSNorm of the residual
   stream (prologue: every block normalizes x into shared memory, its first weight loads already issued).
   The prologue's cost grows with the block count; export uses it for small models only (export/model.py).
+- On sm_90 each block, when done, asks the L2 for its share of the next GEMV's leading rows (one bulk
+  prefetch per region, `L2Prefetch`): at batch 1 every kernel starts with its loads' full latency and ends
+  with a tail, and the next matrix's bytes fill that time (7B decode x1.02, SmolLM2 x1.01-1.04).
 
 CPU (llvm): compute-bound on one core (hot or cold weights run at the same speed on a 2-core x86), so
 the inner step is counted in vector instructions: 8 consecutive words of a row are one vector, nibble j
@@ -69,6 +72,52 @@ class CudaConfig:
     # measured side by side on the H100 and removed: instruction-bound at ~1.8 TB/s (benchmarks/results).
     math: str = "f16x2"
     f16_words: int = 1  # f16x2: 32-bit words (8 products) summed in fp16 before the fp32 accumulator
+
+
+@dataclass(frozen=True)
+class L2Prefetch:
+    """The leading `rows` rows of the next decode GEMV's matrix (N x K, group G: its weight, scales and zeros)
+    that this GEMV's blocks ask the L2 to fetch when they finish (sm_90 bulk prefetch, no completion to wait
+    for). The next GEMV then reads them from L2; their HBM traffic fills time the memory would stand idle:
+    this kernel's tail, the launch and any norm kernel between, the next kernel's first loads."""
+    N: int
+    K: int
+    G: int
+    rows: int
+
+    def regions(self) -> list[tuple[str, int]]:
+        """(buffer, bytes) of the leading rows: all multiples of 16 bytes (the bulk prefetch's unit)."""
+        return [("pf_w", self.rows * self.K // 2), ("pf_s", self.rows * self.K // self.G * 2),
+                ("pf_z", self.rows * self.K // self.G * 2)]
+
+
+def prefetch_rows(N: int, K: int, G: int, budget: int) -> int:
+    """How many leading rows of an N x K (group G) W4 matrix fit `budget` bytes, in steps of 16 rows (so each
+    region is a multiple of 16 bytes for any K, G)."""
+    row_bytes = K // 2 + 2 * (K // G) * 2
+    return min(N, budget // row_bytes) // 16 * 16
+
+
+# How much of the next decode GEMV's matrix a GEMV prefetches into L2 (sm_90; bytes). Measured side by side on
+# the H100 (benchmarks/results/l2_prefetch_ab_h100.json): 4 MB (the whole next matrix for SmolLM2) against none,
+# 7B x1.02 / 1.02 / 1.02 at 128 / 512 / 2048 tokens (10 rounds; x1.02 / 1.05 in another run), SmolLM2 x1.01-1.04;
+# 2, 6 and 8 MB were no better. The qkv GEMV does not prefetch o_proj across the attention: its blocks all finish
+# together, so the prefetch lands in the qkv kernel's own time (qkv 11.5 -> 13.4 us alone) while o_proj from
+# L2 takes 4.6 us against 5.4 (7B x0.98-1.03 with o_proj prefetched).
+PREFETCH_AFTER_ATTENTION_BYTES = 0
+PREFETCH_BYTES = 4 << 20
+
+
+def l2_prefetch_plan(N: int, K: int, G: int, target, *, after_attention: bool) -> L2Prefetch | None:
+    """The L2Prefetch a decode GEMV issues for the next one (N x K, group G) on `target`, or None: targets
+    before sm_90 have no bulk prefetch, and the budget was measured on the H100 (50 MB of L2) only, so sm_120
+    (RTX 5090, 96 MB) keeps none until measured there; a zero budget turns it off."""
+    t = get_target(target)
+    budget = PREFETCH_AFTER_ATTENTION_BYTES if after_attention else PREFETCH_BYTES
+    if not (t.is_cuda and t.sm == 90) or budget <= 0:
+        return None
+    rows = prefetch_rows(N, K, G, budget)
+    return L2Prefetch(N=N, K=K, G=G, rows=rows) if rows > 0 else None
 
 
 def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
@@ -139,6 +188,13 @@ __device__ __forceinline__ float awq_h2_sum(unsigned acc) {
 """
 
 
+_PREFETCH_SOURCE = r"""
+__device__ __forceinline__ void awq_prefetch_l2(const void* p, int bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((unsigned)bytes) : "memory");
+}
+"""
+
+
 _PACK_SOURCE = r"""
 __device__ __forceinline__ unsigned awq_pack_h2(float a, float b) {
   half2 h = __floats2half2_rn(a, b);
@@ -148,7 +204,7 @@ __device__ __forceinline__ unsigned awq_pack_h2(float a, float b) {
 
 
 def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | None = None,
-                 norm_eps: float | None = None, residual: bool = False):
+                 norm_eps: float | None = None, residual: bool = False, prefetch: L2Prefetch | None = None):
     from tvm.script import tirx as T
 
     TX, R, TY, U, KS, FW = cfg.tx, cfg.rows, cfg.ty, cfg.unroll, cfg.ksplit, cfg.f16_words
@@ -178,6 +234,10 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
     NWARP = -(-THREADS // 32)
     KX = K // 2 if NORM else 1  # shared words of the normalized x (none without the prologue)
     inv_k, eps = T.float32(1.0 / K), T.float32(norm_eps or 0.0)
+    PF = prefetch is not None
+    pf = prefetch or L2Prefetch(N=16, K=32, G=32, rows=16)  # shapes for the unused (dropped) buffers
+    # each block prefetches its 1/NB slice of every region, rounded up to 16 bytes
+    PF_REGIONS = [(name, size, -(-size // (16 * NB)) * 16) for name, size in pf.regions()]
 
     def tid(ty, tx):
         return ty * TX + tx
@@ -207,6 +267,14 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                     zz[u, r] = (T.Cast("uint32", zeros[T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
                                 + T.uint32(0x6400)) * T.uint32(0x00010001)
 
+    @T.macro
+    def prefetch_region(buf, size, step, esize, width, bx):  # this block's slice of one region of the next matrix
+        if bx * step < size:
+            T.evaluate(T.cuda.func_call("awq_prefetch_l2",
+                                        T.address_of(buf[bx * step // esize // width, bx * step // esize % width]),
+                                        T.min(step, size - bx * step),
+                                        source_code=_PREFETCH_SOURCE, return_type="void"))
+
     @T.prim_func(s_tir=True)
     def gemv(
         x: T.Buffer((M, K), "float16"),
@@ -215,6 +283,9 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
         zeros: T.Buffer((N, NG), "float16"),
         gamma: T.Buffer((K,), "float16"),  # norm: the RMSNorm weight (unused otherwise; dropped below)
         r_in: T.Buffer((M, N), "float16"),  # residual: added to y (unused otherwise; dropped below)
+        pf_w: T.Buffer((pf.N, pf.K // 8), "uint32"),  # prefetch: the next GEMV's matrix (dropped otherwise)
+        pf_s: T.Buffer((pf.N, pf.K // pf.G), "float16"),
+        pf_z: T.Buffer((pf.N, pf.K // pf.G), "float16"),
         y: T.Buffer((M, NY), "float16"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -339,9 +410,13 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                     if ty // TY == 0 and tx == 0 and row(bx, ty, 2 * p) < N:
                                         y[m, row(bx, ty, 2 * p) // 2] = T.Cast(
                                             "float16", _activation(T, glu, rv[m, 2 * p]) * rv[m, 2 * p + 1])
+                        if PF:
+                            if ty == 0 and tx == 0:
+                                prefetch_region(pf_w, PF_REGIONS[0][1], PF_REGIONS[0][2], 4, pf.K // 8, bx)
+                                prefetch_region(pf_s, PF_REGIONS[1][1], PF_REGIONS[1][2], 2, pf.K // pf.G, bx)
+                                prefetch_region(pf_z, PF_REGIONS[2][1], PF_REGIONS[2][2], 2, pf.K // pf.G, bx)
 
-    return _drop_params(gemv, {"gamma": NORM, "r_in": RES})
-
+    return _drop_params(gemv, {"gamma": NORM, "r_in": RES, "pf_w": PF, "pf_s": PF, "pf_z": PF})
 
 def _drop_params(func, keep: dict[str, bool]):
     """`func` without the buffer parameters whose name maps to False (the body must not use them): one
@@ -471,7 +546,8 @@ def _cpu_kernel(N: int, K: int, G: int, M: int, target: DeviceTarget):
 
 
 def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: CudaConfig | None = None,
-               glu: str | None = None, norm_eps: float | None = None, residual: bool = False):
+               glu: str | None = None, norm_eps: float | None = None, residual: bool = False,
+               prefetch: L2Prefetch | None = None):
     """A scheduled TIR PrimFunc (x f16 [M, K], weight u32 [N, K/8], scales f16 [N, K/G], zeros f16 [N, K/G],
     y f16 [M, N]) for `target` (a name from tvm_kernels.targets or a DeviceTarget).
     `config` overrides the CUDA tiling (benchmarks sweep it).
@@ -479,7 +555,9 @@ def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: Cuda
     the kernel writes y [M, N/2] = act(gate) * up — the MLP's activation without a kernel of its own.
     Decode's other neighbours, also CUDA only, so that the add + RMSNorm between two linears needs no kernel:
     `norm_eps`: x is the residual stream and the kernel multiplies rms_norm(x) * gamma (a parameter after
-    zeros, f16 [K]); `residual`: y = fp16(x @ W^T) + r (a parameter r f16 [M, N] before y), the residual add."""
+    zeros, f16 [K]); `residual`: y = fp16(x @ W^T) + r (a parameter r f16 [M, N] before y), the residual add.
+    `prefetch` (sm_90): the next GEMV's weight, scales and zeros (parameters pf_w, pf_s, pf_z before y), whose
+    leading rows the blocks send to L2 as they finish (L2Prefetch)."""
     N, K, group_size, M = int(N), int(K), int(group_size), int(M)
     _check_shape(N, K, group_size, M)
     t = get_target(target)
@@ -487,11 +565,15 @@ def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: Cuda
         raise UserError(f"gemv_w4a16: gated epilogue {glu!r} on {t.name}: CUDA targets with {GLU_ACTIVATIONS} only")
     if (norm_eps is not None or residual) and not t.is_cuda:
         raise UserError(f"gemv_w4a16: the norm prologue and the residual epilogue are CUDA kernels; target {t.name}")
+    if prefetch is not None and not (t.is_cuda and t.sm >= 90):  # the instruction exists from sm_90 on
+        raise UserError(f"gemv_w4a16: the L2 prefetch epilogue needs sm_90's bulk prefetch; target {t.name}")
+    if prefetch is not None and (prefetch.rows % 16 or not 0 < prefetch.rows <= prefetch.N):
+        raise UserError(f"gemv_w4a16: prefetch rows {prefetch.rows} must be a positive multiple of 16 up to N={prefetch.N}")
     if t.is_cuda:
         cfg = config or cuda_config(N, K, M, t)
         if glu and cfg.rows % 2:  # a thread must hold both rows of a (gate, up) pair
             cfg = dataclasses.replace(cfg, rows=2 * cfg.rows)
         if cfg.math != "f16x2":
             raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (only f16x2; see CudaConfig)")
-        return _cuda_kernel(N, K, group_size, M, cfg, glu=glu, norm_eps=norm_eps, residual=residual)
+        return _cuda_kernel(N, K, group_size, M, cfg, glu=glu, norm_eps=norm_eps, residual=residual, prefetch=prefetch)
     return _cpu_kernel(N, K, group_size, M, t)
