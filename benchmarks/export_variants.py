@@ -11,8 +11,8 @@ constant of the export for the duration of its build (an experiment measured and
   llama7b-w4-pfA-D   the 7B with its decode GEMVs prefetching A MB of the next GEMV's matrix into L2 after the
   smol-pfA-D          attention and D MB elsewhere (gemv_w4a16.PREFETCH_*_BYTES; 0-0 = no prefetch); SmolLM2 W4 g64
                       the same -> l2_prefetch_ab_h100.json
-  llama7b-w4-tok4     decode attention loading 4 K/V rows per thread and step instead of 2 (config "tok")
-  smol-tok4           -> decode_attn_tok_ab_h100.json
+  (llama7b-w4-tok4 and smol-tok4, decode attention with 4 K/V rows per step, lived in the experiment commit
+   1ddcd8a -> decode_attn_tok_ab_h100.json: SmolLM2 x0.94-0.95, 7B x1.00, not kept)
   gemma3-tiny         tests/tiny_models.py's Gemma3 with a 64-token window, W4 g64, context 1024
   gemma3-1b           Gemma3-1B's shapes (hidden 1152, 26 layers, 5 local : 1 global, window 512, head_dim 256), W4 g64
   gemma3-1b-regions   the same with TVM's regional CUDA graphs (--cuda-graph regions)
@@ -61,18 +61,6 @@ def splits_capped(cap: int):
     return patched(da, "config", config)
 
 
-def rows_per_step(tok: int):
-    """decode_attention.config with `tok` K/V rows per thread and loop step (the shipped value is 2)."""
-    import tvm_kernels.decode_attention as da
-
-    base = da.config
-
-    def config(num_qo_heads, num_kv_heads, head_dim, target):
-        return {**base(num_qo_heads, num_kv_heads, head_dim, target), "tok": tok}
-
-    return patched(da, "config", config)
-
-
 def prefetch_budgets(name: str):
     """(after attention, elsewhere) in bytes from a name ending in -pfA-D (MB), or None."""
     import re
@@ -81,7 +69,7 @@ def prefetch_budgets(name: str):
     return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20)
 
 
-VARIANTS = ("llama7b-w4-fused", "llama7b-w4-tok4", "smol-tok4", "smol-s32", "smol-s64", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
 def export(name: str):
@@ -96,10 +84,6 @@ def export(name: str):
         after, elsewhere = prefetch_budgets(name)
         cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
         with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
-            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
-    if name in ("llama7b-w4-tok4", "smol-tok4"):
-        cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
-        with rows_per_step(4):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):

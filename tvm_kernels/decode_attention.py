@@ -71,7 +71,7 @@ def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTa
     # threads stay best and 16 streams are erratic.
     bdz = max(1, (512 if bdy > 1 else 256) // (bdx * bdy))
     splits = max(1, min(32, -(-4 * target.num_sms // num_kv_heads)))
-    return {"vec": vec, "bdx": bdx, "bdy": bdy, "bdz": bdz, "splits": splits, "tok": 2}
+    return {"vec": vec, "bdx": bdx, "bdy": bdy, "bdz": bdz, "splits": splits}
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target: "str | DeviceTarget",
@@ -86,9 +86,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
     if not dt.is_cuda:
         raise UserError(f"decode attention: {dt.name} is not a CUDA target")
     c = {**config(num_qo_heads, num_kv_heads, head_dim, dt), **(override or {})}
-    VEC, bdx, bdy, bdz, NS, TOK = c["vec"], c["bdx"], c["bdy"], c["bdz"], c["splits"], c["tok"]
-    if TOK not in (2, 4):
-        raise UserError(f"decode attention: {TOK} rows per thread and step; 2 or 4 are built")
+    VEC, bdx, bdy, bdz, NS, TOK = c["vec"], c["bdx"], c["bdy"], c["bdz"], c["splits"], 2  # TOK: the 2-value reduce below
     H_qo, H_kv, D, G = num_qo_heads, num_kv_heads, head_dim, num_qo_heads // num_kv_heads
     NEG = -5e4  # as TVM's kernels: finite, so exp2(NEG - m) underflows to 0 without inf - inf
     # vector loops run 4 lanes at a time: CUDA has no 8-lane fp32 type, and TVM's codegen cannot emit an
@@ -143,11 +141,8 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                         k_loc = T.sblock_alloc_buffer((TOK, VEC), dtype, scope="local")
                                         v_loc = T.sblock_alloc_buffer((TOK, VEC), dtype, scope="local")
                                         dot = T.sblock_alloc_buffer((TOK,), "float32", scope="local")
-                                        # one buffer per reduced value: the allreduce lowering keys its results by buffer
                                         red0 = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                         red1 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                        red2 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                        red3 = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                         score = T.sblock_alloc_buffer((TOK,), "float32", scope="local")
                                         m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                         st = T.sblock_alloc_buffer((2,), "float32", scope="local")  # m, d
@@ -185,27 +180,14 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                                 dot[j] = T.float32(0)
                                                 for i in T.unroll(VEC):
                                                     dot[j] = dot[j] + q_loc[i] * T.Cast("float32", k_loc[j, i])
-                                            if TOK == 2:
-                                                with T.sblock("lanes_sum"):  # both rows' dot products in one pass over the lanes
-                                                    T.reads(dot[0:2])
-                                                    T.writes(red0[0], red1[0])
-                                                    T.attr(T.comm_reducer(lambda a0, a1, b0, b1: (a0 + b0, a1 + b1), [T.float32(0), T.float32(0)]),
-                                                           "reduce_scope", T.int32(0))
-                                                    T.tvm_thread_allreduce(T.uint32(2), dot[0], dot[1], True, red0[0], red1[0], tx, dtype="void")
-                                            else:
-                                                with T.sblock("lanes_sum4"):
-                                                    T.reads(dot[0:4])
-                                                    T.writes(red0[0], red1[0], red2[0], red3[0])
-                                                    T.attr(T.comm_reducer(lambda a0, a1, a2, a3, b0, b1, b2, b3: (a0 + b0, a1 + b1, a2 + b2, a3 + b3),
-                                                                          [T.float32(0), T.float32(0), T.float32(0), T.float32(0)]),
-                                                           "reduce_scope", T.int32(0))
-                                                    T.tvm_thread_allreduce(T.uint32(4), dot[0], dot[1], dot[2], dot[3], True,
-                                                                           red0[0], red1[0], red2[0], red3[0], tx, dtype="void")
+                                            with T.sblock("lanes_sum"):  # both rows' dot products in one pass over the lanes
+                                                T.reads(dot[0:2])
+                                                T.writes(red0[0], red1[0])
+                                                T.attr(T.comm_reducer(lambda a0, a1, b0, b1: (a0 + b0, a1 + b1), [T.float32(0), T.float32(0)]),
+                                                       "reduce_scope", T.int32(0))
+                                                T.tvm_thread_allreduce(T.uint32(2), dot[0], dot[1], True, red0[0], red1[0], tx, dtype="void")
                                             score[0] = red0[0]
                                             score[1] = red1[0]
-                                            if TOK == 4:
-                                                score[2] = red2[0]
-                                                score[3] = red3[0]
                                             for j in T.unroll(TOK):
                                                 score[j] = T.if_then_else(span[0] + (it * bdz + tz) * TOK + j < span[1], score[j], T.float32(NEG))
                                             m_prev[0] = st[0]
