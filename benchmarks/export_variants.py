@@ -10,7 +10,8 @@ constant of the export for the duration of its build (an experiment measured and
                       -> decode_attn_splits_ab_h100.json (64: x0.85-0.91, not kept)
   llama7b-w4-pfA-D   the 7B with its decode GEMVs prefetching A MB of the next GEMV's matrix into L2 after the
   smol-pfA-D          attention and D MB elsewhere (gemv_w4a16.PREFETCH_*_BYTES; 0-0 = no prefetch); SmolLM2 W4 g64
-                      the same; a -start suffix issues it when each block starts -> l2_prefetch_ab_h100.json
+                      the same -> l2_prefetch_ab_h100.json (a -start suffix, the prefetch issued when each block
+                      starts, lived in the experiment commit 553980f: x0.95-1.00, not kept)
   (llama7b-w4-tok4 and smol-tok4, decode attention with 4 K/V rows per step, lived in the experiment commit
    1ddcd8a -> decode_attn_tok_ab_h100.json: SmolLM2 x0.94-0.95, 7B x1.00, not kept)
   gemma3-tiny         tests/tiny_models.py's Gemma3 with a 64-token window, W4 g64, context 1024
@@ -65,8 +66,8 @@ def prefetch_budgets(name: str):
     """(after attention, elsewhere) in bytes from a name ending in -pfA-D (MB), or None."""
     import re
 
-    m = re.fullmatch(r"(llama7b-w4|smol)-pf(\d+)-(\d+)(-start)?", name)
-    return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20, bool(m.group(4)))
+    m = re.fullmatch(r"(llama7b-w4|smol)-pf(\d+)-(\d+)", name)
+    return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20)
 
 
 VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
@@ -81,10 +82,9 @@ def export(name: str):
     if prefetch_budgets(name):
         import tvm_kernels.gemv_w4a16 as gemv
 
-        after, elsewhere, start = prefetch_budgets(name)
+        after, elsewhere = prefetch_budgets(name)
         cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
-        with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere), \
-                patched(gemv, "PREFETCH_AT_START", start):
+        with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):

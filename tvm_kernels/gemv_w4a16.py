@@ -84,7 +84,6 @@ class L2Prefetch:
     K: int
     G: int
     rows: int
-    at_start: bool = False  # issue the prefetch when the block starts instead of when it is done
 
     def regions(self) -> list[tuple[str, int]]:
         """(buffer, bytes) of the leading rows: all multiples of 16 bytes (the bulk prefetch's unit)."""
@@ -101,13 +100,13 @@ def prefetch_rows(N: int, K: int, G: int, budget: int) -> int:
 
 # How much of the next decode GEMV's matrix a GEMV prefetches into L2 (sm_90; bytes). Measured side by side on
 # the H100 (benchmarks/results/l2_prefetch_ab_h100.json): 4 MB (the whole next matrix for SmolLM2) against none,
-# 7B x1.02 / 1.02 / 1.02 at 128 / 512 / 2048 tokens (10 rounds; x1.02 / 1.05 in another run), SmolLM2 x1.01-1.04;
-# 2, 6 and 8 MB were no better. The qkv GEMV does not prefetch o_proj across the attention: its blocks all finish
-# together, so the prefetch lands in the qkv kernel's own time (qkv 11.5 -> 13.4 us alone) while o_proj from
-# L2 takes 4.6 us against 5.4 (7B x0.98-1.03 with o_proj prefetched).
+# 7B x1.02-1.03 at 128 / 512 / 2048 tokens (two runs of 10 and 8 rounds; x1.02 / 1.05 in a third), SmolLM2
+# x1.01-1.04; 2, 6 and 8 MB were no better, nor issuing it when each block starts (x0.95-1.00). The qkv GEMV
+# does not prefetch o_proj across the attention: its blocks all finish together, so the prefetch lands in the
+# qkv kernel's own time (qkv 11.5 -> 13.4 us alone) while o_proj from L2 takes 4.6 us against 5.4 (7B
+# x0.98-1.03 with o_proj prefetched).
 PREFETCH_AFTER_ATTENTION_BYTES = 0
 PREFETCH_BYTES = 4 << 20
-PREFETCH_AT_START = False
 
 
 def l2_prefetch_plan(N: int, K: int, G: int, target, *, after_attention: bool) -> L2Prefetch | None:
@@ -119,7 +118,7 @@ def l2_prefetch_plan(N: int, K: int, G: int, target, *, after_attention: bool) -
     if not (t.is_cuda and t.sm == 90) or budget <= 0:
         return None
     rows = prefetch_rows(N, K, G, budget)
-    return L2Prefetch(N=N, K=K, G=G, rows=rows, at_start=PREFETCH_AT_START) if rows > 0 else None
+    return L2Prefetch(N=N, K=K, G=G, rows=rows) if rows > 0 else None
 
 
 def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
@@ -347,11 +346,6 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                                 T.Cast("float32", xv[m, i, 2 * e + 1]) * ss[m] * T.Cast("float32", gv[2 * e + 1]),
                                                 source_code=_PACK_SOURCE, return_type="uint32")
                             T.tvm_storage_sync("shared")
-                        if PF and pf.at_start:
-                            if ty == 0 and tx == 0:
-                                prefetch_region(pf_w, PF_REGIONS[0][1], PF_REGIONS[0][2], 4, pf.K // 8, bx)
-                                prefetch_region(pf_s, PF_REGIONS[1][1], PF_REGIONS[1][2], 2, pf.K // pf.G, bx)
-                                prefetch_region(pf_z, PF_REGIONS[2][1], PF_REGIONS[2][2], 2, pf.K // pf.G, bx)
                         for m, r in T.grid(M, R):
                             acc[m, r] = T.float32(0)
                         for o in T.serial(OUTER):
@@ -417,7 +411,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                     if ty // TY == 0 and tx == 0 and row(bx, ty, 2 * p) < N:
                                         y[m, row(bx, ty, 2 * p) // 2] = T.Cast(
                                             "float16", _activation(T, glu, rv[m, 2 * p]) * rv[m, 2 * p + 1])
-                        if PF and not pf.at_start:
+                        if PF:
                             if ty == 0 and tx == 0:
                                 prefetch_region(pf_w, PF_REGIONS[0][1], PF_REGIONS[0][2], 4, pf.K // 8, bx)
                                 prefetch_region(pf_s, PF_REGIONS[1][1], PF_REGIONS[1][2], 2, pf.K // pf.G, bx)
