@@ -46,6 +46,8 @@ def cmd_build(args) -> int:
 
 
 def cmd_device(args) -> int:
+    if not Path(args.lib).is_file():
+        raise SystemExit(f"l2_prefetch.py device: --lib {args.lib}: no such file (run `l2_prefetch.py build` here first)")
     sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
 

@@ -292,7 +292,7 @@ def _target_manifest(dt, pdl: bool) -> dict[str, Any]:
 CUDA_GRAPH_MODES = ("auto", "step", "regions", "off")
 
 
-def cuda_graph_mode(cfg: ModelConfig, dt, requested: str = "auto") -> str | None:
+def cuda_graph_mode(dt, requested: str = "auto") -> str | None:
     """export --cuda-graph -> how decode is replayed from CUDA graphs: "decode-step" (auto, step: the runtime
     captures the whole step, runtime/cuda_graph.py), "regions" (TVM's relax.backend.use_cuda_graph: the
     static stretches between KV-cache calls) or None (off, CPU targets). The two exclude each other: a
@@ -399,7 +399,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
     source = _Params(cfg, arch, LinearSource(tensors, quant))
     dt = resolve_target(target)
     use_pdl = resolve_pdl(pdl, dt)
-    graph_mode = cuda_graph_mode(cfg, dt, cuda_graph)
+    graph_mode = cuda_graph_mode(dt, cuda_graph)
     summary: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
@@ -454,7 +454,7 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
     tok_files, template = tokenizer_files(tokenizer_dir) if tokenizer_dir else ([], None)
     dt = resolve_target(target)
     use_pdl = resolve_pdl(pdl, dt)
-    graph_mode = cuda_graph_mode(cfg, dt, cuda_graph)
+    graph_mode = cuda_graph_mode(dt, cuda_graph)
     quant = QuantConfig(4, group_size, True) if group_size else None
     summary: dict[str, Any] = {}
 
