@@ -14,10 +14,9 @@ constant of the export for the duration of its build (an experiment measured and
                       starts, lived in the experiment commit 553980f: x0.95-1.00, not kept)
   (llama7b-w4-tok4 and smol-tok4, decode attention with 4 K/V rows per step, lived in the experiment commit
    1ddcd8a -> decode_attn_tok_ab_h100.json: SmolLM2 x0.94-0.95, 7B x1.00, not kept)
-  llama7b-w4-f16x2    the 7B / SmolLM2 W4 g64 with every decode GEMV on the f16x2 inner step (gemv_w4a16.LOP3_MATH
-  smol-f16x2          off), and with Marlin's inner step where cuda_config picks it (-lop3, the default)
-  llama7b-w4-lop3     -> gemv_math_h100.json
-  smol-lop3
+  (llama7b-w4-lop3 / -f16x2 and smol-lop3 / -f16x2, Marlin's lop3 dequantize in the decode GEMVs where
+   cuda_config picked it or nowhere, lived in the experiment commit cc67fec -> gemv_math_h100.json:
+   SmolLM2 x0.96-1.00, 7B x1.00-1.02, not kept)
   gemma3-tiny         tests/tiny_models.py's Gemma3 with a 64-token window, W4 g64, context 1024
   gemma3-1b           Gemma3-1B's shapes (hidden 1152, 26 layers, 5 local : 1 global, window 512, head_dim 256), W4 g64
   gemma3-1b-regions   the same with TVM's regional CUDA graphs (--cuda-graph regions)
@@ -74,7 +73,7 @@ def prefetch_budgets(name: str):
     return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20)
 
 
-VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "llama7b-w4-f16x2", "smol-f16x2", "llama7b-w4-lop3", "smol-lop3", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
 def export(name: str):
@@ -89,12 +88,6 @@ def export(name: str):
         after, elsewhere = prefetch_budgets(name)
         cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
         with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
-            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
-    if name.endswith(("-f16x2", "-lop3")):
-        import tvm_kernels.gemv_w4a16 as gemv
-
-        cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
-        with patched(gemv, "LOP3_MATH", name.endswith("-lop3")):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):

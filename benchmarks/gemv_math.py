@@ -1,10 +1,11 @@
 """How much of a decode GEMV's time is its dequantize math? (H100)
 
-The decode GEMVs of the 7B layer and of SmolLM2 (the tilings export picks) built three ways: the committed
-inner step ("f16x2": 15 instructions per 8 weights), Marlin's form ("lop3": 13, CudaConfig.math) and a floor
-with the math taken out (weights loaded and XORed, no dequantize or multiply: not a GEMV, only a bound on
-what less math could give). Timed cold (weight copies rotated through 256 MB, CUDA graphs) in alternating
-rounds; "lop3" is also checked against torch float32.
+The decode GEMVs of the 7B layer, SmolLM2, Llama-3.2-1B and Gemma3-1B (the tilings export picks) built two
+ways: the committed inner step ("f16x2": 15 instructions per 8 weights) and a floor with the math taken out
+(weights loaded and XORed, no dequantize or multiply: not a GEMV, only a bound on what less math could
+give). Timed cold (weight copies rotated through 256 MB, CUDA graphs) in alternating rounds.
+A third variant, Marlin's dequantize ("lop3", 13 instructions; CudaConfig.math), lived in the experiment
+commit cc67fec: x1.05 on SmolLM2's GEMVs alone but x0.96-1.00 end to end (gemv_math_h100.json), not kept.
 
   .venv/bin/python benchmarks/gemv_math.py build [--out .gpu/gm]          # here: cubins, no GPU needed
   PYTHONPATH=/tmp/tvmrt:.gpu/tvmrt python3 benchmarks/gemv_math.py device --lib-dir .gpu/gm --out $OUT/gm.json
@@ -12,7 +13,6 @@ rounds; "lop3" is also checked against torch float32.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -29,7 +29,7 @@ SHAPES = {"l7b_qkv": (12288, 4096, 128, None), "l7b_o": (4096, 4096, 128, None),
           "l1b_qkv": (3072, 2048, 128, None), "l1b_o": (2048, 2048, 128, None), "l1b_gate_up": (16384, 2048, 128, "silu"),
           "l1b_down": (2048, 8192, 128, None), "g1b_qkv": (1536, 1152, 64, None), "g1b_o": (1152, 1024, 64, None),
           "g1b_gate_up": (13824, 1152, 64, "gelu_tanh"), "g1b_down": (1152, 6912, 64, None)}
-VARIANTS = ("f16x2", "lop3", "floor")
+VARIANTS = ("f16x2", "floor")
 _FLOOR_SOURCE = r"""
 __device__ __forceinline__ unsigned awq_w4_fma8(unsigned w, unsigned x0, unsigned x1, unsigned x2, unsigned x3,
                                                 unsigned zz, unsigned acc) {
@@ -55,10 +55,7 @@ def cmd_build(args) -> int:
         g._H2_SOURCE = _FLOOR_SOURCE if v == "floor" else committed  # read when the kernel's TVMScript is parsed
         funcs = {}
         for name, (N, K, G, glu) in SHAPES.items():
-            cfg = g.cuda_config(N, K, 1, t)
-            cfg = dataclasses.replace(cfg, math="lop3" if v == "lop3" else "f16x2")
-            print(name, cfg, flush=True)
-            funcs[name] = g.gemv_w4a16(N, K, G, t, config=cfg, glu=glu)
+            funcs[name] = g.gemv_w4a16(N, K, G, t, glu=glu)
         g._H2_SOURCE = committed
         mod = tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
         with t.tvm_target() as target:
@@ -86,7 +83,7 @@ def cmd_device(args) -> int:
                  "median_us": {}}
     for name, (N, K, G, glu) in SHAPES.items():
         k = {"N": N, "K": K, "G": G, "M": 1, "kind": "gemv_glu" if glu else "gemv", "act": glu}
-        res["check"][name] = {v: dk.check_gemv_variant(mods[v][name], k, gen) for v in ("f16x2", "lop3")}
+        res["check"][name] = dk.check_gemv_variant(mods["f16x2"][name], k, gen)
         print(name, res["check"][name], flush=True)
     data = {}
     for name, (N, K, G, glu) in SHAPES.items():
@@ -110,8 +107,7 @@ def cmd_device(args) -> int:
         res["median_us"][key] = statistics.median(r[key] for r in res["rounds"])
     for name in SHAPES:
         m = {v: res["median_us"][f"{name}/{v}"] for v in VARIANTS}
-        print(f"{name:13s} f16x2 {m['f16x2']:6.2f} us  lop3 {m['lop3']:6.2f} (x{m['f16x2'] / m['lop3']:.3f})  "
-              f"floor {m['floor']:6.2f} (x{m['f16x2'] / m['floor']:.3f})")
+        print(f"{name:13s} f16x2 {m['f16x2']:6.2f} us  floor {m['floor']:6.2f} (x{m['f16x2'] / m['floor']:.3f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     return 0

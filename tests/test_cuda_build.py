@@ -36,10 +36,6 @@ _BUILD = textwrap.dedent(
         "gemv_norm": gemv_w4a16(960, 576, 64, t, M=1, norm_eps=1e-5),
         "gemv_norm_glu": gemv_w4a16(3072, 576, 64, t, M=1, glu="silu", norm_eps=1e-6),
         "gemv_residual_ksplit": gemv_w4a16(4096, 11008, 128, t, M=1, residual=True),
-        # Marlin's inner step (cuda_config's pick for SmolLM2's shapes), with the norm prologue, and K split
-        "gemv_lop3_norm_glu": gemv_w4a16(3072, 576, 64, t, M=1, glu="silu", norm_eps=1e-6,
-                                         config=CudaConfig(16, 2, 8, 2, math="lop3")),
-        "gemv_lop3_ksplit_m2": gemv_w4a16(96, 11008, 128, t, M=2, config=CudaConfig(32, 2, 4, 2, ksplit=2, math="lop3")),
     }
     if t.sm >= 90:  # the L2 prefetch epilogue (sm_90's bulk prefetch): a gated GEMV prefetching down_proj's rows
         funcs["gemv_glu_prefetch"] = gemv_w4a16(3072, 576, 64, t, M=1, glu="silu",

@@ -186,31 +186,6 @@ def test_cuda_config_batch1_rules():
     for name in ("gemma3_1b_down", "llama32_1b_o"):  # short matrices, long K: K over four warps
         assert (pick[name].rows, pick[name].ty, pick[name].ksplit, pick[name].unroll) == (2, 2, 4, 1)
     assert pick["smollm2_down"].ksplit == 1  # K < 2048 keeps the general rule
-    # Marlin's inner step where a lane has >= 2 chunks per step (gemv_math_h100.json), f16x2 elsewhere and at M > 1
-    assert pick["7b_qkv"].math == pick["smollm2_down"].math == "lop3"
-    assert pick["7b_down"].math == pick["gemma3_1b_down"].math == pick["llama32_1b_o"].math == "f16x2"
-    assert cuda_config(576, 1536, 4, t).math == "f16x2"
-
-
-def _h2(bits):
-    return np.asarray(bits, dtype=np.uint16).view(np.float16).astype(np.float64)
-
-
-def test_lop3_dequantize_is_exact():
-    # The "lop3" inner step's arithmetic, emulated in numpy for every nibble and zero point: a nibble masked in
-    # place at bit 0 or bit 4 under the fp16 exponent of 1024, then HSUB2 (1024 + z) or ONE HFMA2 (x 1/16,
-    # - (64 + z)), rounded once to fp16 as the FMA does, must be exactly q - z (the f16x2 step's value).
-    q, z = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
-    zz = _h2(0x6400 + z)  # half2 (1024 + z), as load_step builds it
-    zh = _h2((0xD400 + 16 * z) & 0xFFFF)  # half2 -(64 + z), the fp16 bits load_step builds
-    assert np.array_equal(zz, 1024 + z) and np.array_equal(zh, -(64 + z))
-    lo = (_h2(0x6400 | q) - zz).astype(np.float16)
-    hi = (_h2(0x6400 | (q << 4)) * _h2(0x2C00) + zh).astype(np.float16)  # 0x2C00 = 1/16
-    assert np.array_equal(lo, q - z) and np.array_equal(hi, q - z)
-    # the word's nibble pairs come out in the f16x2 step's order: (n0, n4), (n1, n5), (n2, n6), (n3, n7)
-    w = 0x76543210
-    pairs = [(w & 0x000F000F), (w & 0x00F000F0) >> 4, ((w >> 8) & 0x000F000F), ((w >> 8) & 0x00F000F0) >> 4]
-    assert [(p & 0xF, p >> 16) for p in pairs] == [(0, 4), (1, 5), (2, 6), (3, 7)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,9 +68,8 @@ class CudaConfig:
     ty: int  # thread rows per block
     unroll: int  # 16-byte chunks per lane per loop step (loads in flight)
     ksplit: int = 1  # warps splitting K for the same rows (more loads in flight when K is long), summed in shared memory
-    # "f16x2" (15 instructions per 8 weights) or "lop3" (Marlin's dequantize, 13; see _H2_LOP3_SOURCE). An fp32
-    # path (q | 0x4B000000 as float = 2^23 + q, exact q - z, FFMA) was measured side by side on the H100 and
-    # removed: instruction-bound at ~1.8 TB/s (benchmarks/results).
+    # "f16x2" is the one math path. An fp32 path (q | 0x4B000000 as float = 2^23 + q, exact q - z, FFMA) was
+    # measured side by side on the H100 and removed: instruction-bound at ~1.8 TB/s (benchmarks/results).
     math: str = "f16x2"
     f16_words: int = 1  # f16x2: 32-bit words (8 products) summed in fp16 before the fp32 accumulator
 
@@ -122,9 +121,6 @@ def l2_prefetch_plan(N: int, K: int, G: int, target, *, after_attention: bool) -
     return L2Prefetch(N=N, K=K, G=G, rows=rows) if rows > 0 else None
 
 
-LOP3_MATH = True  # benchmarks/export_variants.py turns it off for the side-by-side baseline
-
-
 def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
     """Tiling from the shape and the target (SM count), chosen from H100 sweeps (benchmarks/kernels.py):
     half2 math (the fp32 path is instruction-bound at ~1.8 TB/s), two rows per thread at M = 1 and four
@@ -162,12 +158,7 @@ def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
         # four warps (gemv_sweep_small_h100.json: Gemma3-1B down 4.7 us against 7.6, Llama-3.2-1B down 5.8
         # against 7.8, o_proj 3.2 against 3.6, Qwen2-0.5B down 3.9 against 5.8)
         rows, ty, ksplit, unroll = 2, 2, 4, 1
-    # Marlin's inner step where a lane has two or more chunks per loop step: H100, side by side in one run
-    # (benchmarks/results/gemv_math_h100.json), SmolLM2's four GEMVs x1.05, 7B gate_up x1.03, Llama-3.2-1B
-    # gate_up x1.03, Gemma3-1B qkv x1.04 (gate_up x0.985, 7B qkv x1.00); with one chunk per step it lost
-    # everywhere but two shapes (7B o_proj x0.95, 1B o / down / qkv x0.95-0.97), and batches > 1 are unmeasured
-    math = "lop3" if LOP3_MATH and M == 1 and unroll >= 2 else "f16x2"
-    return CudaConfig(tx=tx, rows=rows, ty=ty, unroll=unroll, ksplit=ksplit, math=math, f16_words=1)
+    return CudaConfig(tx=tx, rows=rows, ty=ty, unroll=unroll, ksplit=ksplit, math="f16x2", f16_words=1)
 
 
 # f16x2 inner step (CUDA device code called from the TIR kernel): one 32-bit word = 8 nibbles against 8
@@ -187,31 +178,6 @@ __device__ __forceinline__ unsigned awq_w4_fma8(unsigned w, unsigned x0, unsigne
   a = __hfma2(*reinterpret_cast<const half2*>(&x1), __hsub2(*reinterpret_cast<const half2*>(&q1), z), a);
   a = __hfma2(*reinterpret_cast<const half2*>(&x2), __hsub2(*reinterpret_cast<const half2*>(&q2), z), a);
   a = __hfma2(*reinterpret_cast<const half2*>(&x3), __hsub2(*reinterpret_cast<const half2*>(&q3), z), a);
-  return *reinterpret_cast<unsigned*>(&a);
-}
-"""
-# "lop3" (Marlin's form, one instruction less per nibble pair): nibbles 0/4 and 2/6 (after one shift by 8) come
-# out as (1024 + q) with one LOP3 each and lose 1024 + z with HSUB2 as above; nibbles 1/5 and 3/7 are masked in
-# place as (1024 + 16 q), and ONE HFMA2 with (1/16, -(64 + z)) gives q - z (exact: 64 + q is a multiple of the
-# fp16 ulp 1/16 on [64, 128)). 1 shift + 4 LOP3 + 4 dequant + 4 HFMA2 = 13 instructions per 8 weights, against
-# 3 shifts + 4 LOP3 + 4 HSUB2 + 4 HFMA2 = 15.
-_H2_LOP3_SOURCE = r"""
-__device__ __forceinline__ unsigned awq_w4_fma8_lop3(unsigned w, unsigned x0, unsigned x1, unsigned x2, unsigned x3,
-                                                     unsigned zz, unsigned zh, unsigned acc) {
-  half2 a = *reinterpret_cast<half2*>(&acc);
-  const half2 z = *reinterpret_cast<const half2*>(&zz);
-  const half2 zm = *reinterpret_cast<const half2*>(&zh);
-  const unsigned sixteenth_u = 0x2C002C00u;
-  const half2 sixteenth = *reinterpret_cast<const half2*>(&sixteenth_u);
-  const unsigned w8 = w >> 8;
-  unsigned l0 = (w & 0x000F000Fu) | 0x64006400u;
-  unsigned h0 = (w & 0x00F000F0u) | 0x64006400u;
-  unsigned l1 = (w8 & 0x000F000Fu) | 0x64006400u;
-  unsigned h1 = (w8 & 0x00F000F0u) | 0x64006400u;
-  a = __hfma2(*reinterpret_cast<const half2*>(&x0), __hsub2(*reinterpret_cast<const half2*>(&l0), z), a);
-  a = __hfma2(*reinterpret_cast<const half2*>(&x1), __hfma2(*reinterpret_cast<const half2*>(&h0), sixteenth, zm), a);
-  a = __hfma2(*reinterpret_cast<const half2*>(&x2), __hsub2(*reinterpret_cast<const half2*>(&l1), z), a);
-  a = __hfma2(*reinterpret_cast<const half2*>(&x3), __hfma2(*reinterpret_cast<const half2*>(&h1), sixteenth, zm), a);
   return *reinterpret_cast<unsigned*>(&a);
 }
 """
@@ -259,7 +225,6 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
     if glu and (R % 2 or N % 2):
         raise UserError(f"gemv_w4a16: the gated epilogue needs an even row count per thread and N (rows={R}, N={N})")
     NORM, RES = norm_eps is not None, residual
-    LOP3 = cfg.math == "lop3"
     if NORM and (TY * KS * TX) % 32:
         raise UserError(f"gemv_w4a16: the norm prologue reduces over whole warps; {TY * KS * TX} threads per block")
     if RES and GLU:
@@ -293,7 +258,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
         return (bx * TY + ty % TY) * R + r
 
     @T.macro
-    def load_step(o, bx, ty, tx, weight, scales, zeros, wv, sc, zz, zh):  # this lane's weights, scales, zeros of step o
+    def load_step(o, bx, ty, tx, weight, scales, zeros, wv, sc, zz):  # this lane's weights, scales, zeros of step o
         for u in T.unroll(U):
             for r in T.unroll(R):
                 if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
@@ -302,9 +267,6 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                     sc[u, r] = T.Cast("float32", scales[T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
                     zz[u, r] = (T.Cast("uint32", zeros[T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
                                 + T.uint32(0x6400)) * T.uint32(0x00010001)
-                    if LOP3:  # half2 -(64 + z): the fp16 bits 0xD400 + 16 z
-                        zh[u, r] = (T.Cast("uint32", zeros[T.min(row(bx, ty, r), N - 1), chunk(o, u, ty, tx) // CPG])
-                                    * T.uint32(16) + T.uint32(0xD400)) * T.uint32(0x00010001)
 
     @T.macro
     def prefetch_region(buf, size, step, esize, width, bx):  # this block's slice of one region of the next matrix
@@ -339,7 +301,6 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                         wv = T.sblock_alloc_buffer((U, R, 4), "uint32", scope="local")
                         sc = T.sblock_alloc_buffer((U, R), "float32", scope="local")
                         zz = T.sblock_alloc_buffer((U, R), "uint32", scope="local")
-                        zh = T.sblock_alloc_buffer((U, R), "uint32", scope="local")  # lop3 only
                         xw = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                         xp = T.sblock_alloc_buffer((M, 4), "uint32", scope="local")
                         red = T.sblock_alloc_buffer((1,), "float32", scope="local")
@@ -354,7 +315,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                             gv = T.sblock_alloc_buffer((8,), "float16", scope="local")
                             ss = T.sblock_alloc_buffer((M,), "float32", scope="local")
                             wsum = T.sblock_alloc_buffer((NWARP, M), "float32", scope="shared")
-                            load_step(0, bx, ty, tx, weight, scales, zeros, wv, sc, zz, zh)
+                            load_step(0, bx, ty, tx, weight, scales, zeros, wv, sc, zz)
                             for m in T.unroll(M):
                                 ss[m] = T.float32(0)
                                 for i in T.unroll(NSTEP):
@@ -389,7 +350,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                             acc[m, r] = T.float32(0)
                         for o in T.serial(OUTER):
                             if (not NORM) or o > 0:  # the norm prologue issued step 0's loads first
-                                load_step(o, bx, ty, tx, weight, scales, zeros, wv, sc, zz, zh)
+                                load_step(o, bx, ty, tx, weight, scales, zeros, wv, sc, zz)
                             for u in T.unroll(U):
                                 if (not K_TAIL) or (chunk(o, u, ty, tx) < CH):
                                     for m, r in T.grid(M, R):
@@ -405,16 +366,10 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                                     T.if_then_else(jj % 2 == 0, T.uint32(0x5410), T.uint32(0x7632)),
                                                 )
                                             for r in T.unroll(R):
-                                                if LOP3:
-                                                    h[m, r] = T.cuda.func_call(
-                                                        "awq_w4_fma8_lop3", wv[u, r, j], xp[m, 0], xp[m, 1], xp[m, 2],
-                                                        xp[m, 3], zz[u, r], zh[u, r], h[m, r], source_code=_H2_LOP3_SOURCE,
-                                                        return_type="uint32")
-                                                else:
-                                                    h[m, r] = T.cuda.func_call(
-                                                        "awq_w4_fma8", wv[u, r, j], xp[m, 0], xp[m, 1], xp[m, 2], xp[m, 3],
-                                                        zz[u, r], h[m, r], source_code=_H2_SOURCE, return_type="uint32",
-                                                    )
+                                                h[m, r] = T.cuda.func_call(
+                                                    "awq_w4_fma8", wv[u, r, j], xp[m, 0], xp[m, 1], xp[m, 2], xp[m, 3],
+                                                    zz[u, r], h[m, r], source_code=_H2_SOURCE, return_type="uint32",
+                                                )
                                         if (j + 1) % FW == 0:
                                             for m, r in T.grid(M, R):
                                                 part[m, r] = part[m, r] + T.cuda.func_call(
@@ -619,7 +574,7 @@ def gemv_w4a16(N: int, K: int, group_size: int, target, M: int = 1, config: Cuda
         cfg = config or cuda_config(N, K, M, t)
         if glu and cfg.rows % 2:  # a thread must hold both rows of a (gate, up) pair
             cfg = dataclasses.replace(cfg, rows=2 * cfg.rows)
-        if cfg.math not in ("f16x2", "lop3"):
-            raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (f16x2 or lop3; see CudaConfig)")
+        if cfg.math != "f16x2":
+            raise UserError(f"gemv_w4a16: math {cfg.math!r} is not built (only f16x2; see CudaConfig)")
         return _cuda_kernel(N, K, group_size, M, cfg, glu=glu, norm_eps=norm_eps, residual=residual, prefetch=prefetch)
     return _cpu_kernel(N, K, group_size, M, t)
