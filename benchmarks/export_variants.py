@@ -17,6 +17,8 @@ constant of the export for the duration of its build (an experiment measured and
   (llama7b-w4-lop3 / -f16x2 and smol-lop3 / -f16x2, Marlin's lop3 dequantize in the decode GEMVs where
    cuda_config picked it or nowhere, lived in the experiment commit cc67fec -> gemv_math_h100.json:
    SmolLM2 x0.96-1.00, 7B x1.00-1.02, not kept)
+  llama7b-w4-mpN      the 7B / SmolLM2 W4 g64 with the decode attention's merge in blocks of N warps (N pieces of a
+  smol-mpN            head; decode_attention.MERGE_PIECES) -> decode_attn_merge_ab_h100.json
   gemma3-tiny         tests/tiny_models.py's Gemma3 with a 64-token window, W4 g64, context 1024
   gemma3-1b           Gemma3-1B's shapes (hidden 1152, 26 layers, 5 local : 1 global, window 512, head_dim 256), W4 g64
   gemma3-1b-regions   the same with TVM's regional CUDA graphs (--cuda-graph regions)
@@ -65,6 +67,14 @@ def splits_capped(cap: int):
     return patched(da, "config", config)
 
 
+def merge_pieces(name: str):
+    """N from a name ending in -mpN, or None."""
+    import re
+
+    m = re.fullmatch(r"(llama7b-w4|smol)-mp(\d+)", name)
+    return None if m is None else int(m.group(2))
+
+
 def prefetch_budgets(name: str):
     """(after attention, elsewhere) in bytes from a name ending in -pfA-D (MB), or None."""
     import re
@@ -89,6 +99,12 @@ def export(name: str):
         cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
         with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
+    if merge_pieces(name):
+        import tvm_kernels.decode_attention as da
+
+        cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
+        with patched(da, "MERGE_PIECES", merge_pieces(name)):
+            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):
             return export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)
@@ -112,7 +128,7 @@ def export(name: str):
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    unknown = [n for n in argv if n not in VARIANTS and not prefetch_budgets(n)]
+    unknown = [n for n in argv if n not in VARIANTS and not prefetch_budgets(n) and not merge_pieces(n)]
     if unknown:  # before anything is built
         raise SystemExit(f"export_variants.py: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)}")
     from tvm_kernels.cuda_env import prepare_cuda_build

@@ -127,6 +127,9 @@ def cmd_build(args) -> int:
         for label, (hq, hkv, d) in (("llama7b", (32, 32, 128)), ("smollm2", (9, 3, 64))):
             add(lib, f"attn_{lib}_{label}", decode_attention(hkv, hq, d, t), kind="decode_attn", set="fused",
                 label=label, N=hq, K=hkv, G=d, M=1, target=tname)
+        # more context slices than the merge's warp has lanes, and a head of 20 VEC-wide pieces (head_dim 80)
+        add(lib, f"attn_{lib}_s40_d80", decode_attention(2, 4, 80, t, override={"splits": 40}), kind="decode_attn",
+            set="fused", label="s40_d80", N=4, K=2, G=80, M=1, target=tname)
         # the sliding-window variant (Gemma3's local layers: the window starts inside its first page)
         for label, (hq, hkv, d) in (("gemma3_1b", (4, 1, 256)), ("smollm2", (9, 3, 64))):
             add(lib, f"wattn_{lib}_{label}", decode_attention(hkv, hq, d, t, sliding_window=True), kind="decode_attn",

@@ -39,6 +39,7 @@ def test_config_fits_the_block(target, heads):
     c = config(H_qo, H_kv, D, get_target(target))
     assert c["bdx"] * c["vec"] == D and c["bdy"] == H_qo // H_kv
     assert c["bdx"] * c["bdy"] * c["bdz"] <= 512 and 1 <= c["splits"] <= 32
+    assert c["bdx"] % c["merge_pieces"] == 0 and c["merge_pieces"] >= 1  # the merge's warps per block
 
 
 def test_bad_heads_and_rope_mode():
@@ -95,5 +96,7 @@ def test_cuda_build(tmp_path, target, arch):
         from tvm_kernels.decode_attention import decode_attention
         funcs = {"attn_mha": decode_attention(32, 32, 128, t), "attn_gqa": decode_attention(3, 9, 64, t),
                  "attn_d256": decode_attention(1, 4, 256, t),
-                 "attn_window": decode_attention(1, 4, 256, t, sliding_window=True)}
+                 "attn_window": decode_attention(1, 4, 256, t, sliding_window=True),
+                 # more slices than a warp has lanes (two per lane in the merge), 20 pieces of a head (4 per block)
+                 "attn_s40_d80": decode_attention(2, 4, 80, t, override={"splits": 40, "merge_pieces": 4})}
     """)

@@ -19,6 +19,8 @@ so for the caller.
 Layout of a block (sequence b, kv head h, slice c): lanes tx split the head dim in `vec`-wide pieces
 (each K/V row is one coalesced load across the lanes), ty is the query head within the GQA group (the
 group shares the K/V rows), tz walks tokens in parallel; the bdz partial states merge in shared memory.
+The merge kernel gives each VEC-wide piece of a head one warp, whose lanes hold one slice each: all partials
+load at once and combine by warp shuffles.
 """
 from __future__ import annotations
 
@@ -53,6 +55,13 @@ def applies_to(rope_mode: int) -> bool:
     return int(rope_mode) != int(RopeMode.INLINE)
 
 
+# The merge's warps per block (each a VEC-wide piece of one head). Side by side on the H100
+# (decode_attn_merge_ab_h100.json), against the loop over slices in one thread: SmolLM2 x1.05 / 1.05 / 1.03 at
+# 128 / 512 / 2048 tokens with 1 warp, x1.06 / 1.06 / 1.04 with 4, x1.04 with a whole head per block; the 7B
+# x1.00 / 1.00 / 0.99 with 1, x0.99 with 4, x0.98-0.99 with a whole head.
+MERGE_PIECES = 1
+
+
 def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTarget) -> dict[str, int]:
     if num_kv_heads <= 0 or num_qo_heads % num_kv_heads:
         raise UserError(f"decode attention: {num_qo_heads} query heads are not a multiple of {num_kv_heads} kv heads")
@@ -71,15 +80,17 @@ def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTa
     # threads stay best and 16 streams are erratic.
     bdz = max(1, (512 if bdy > 1 else 256) // (bdx * bdy))
     splits = max(1, min(32, -(-4 * target.num_sms // num_kv_heads)))
-    return {"vec": vec, "bdx": bdx, "bdy": bdy, "bdz": bdz, "splits": splits}
+    # the merge's blocks: up to MERGE_PIECES VEC-wide pieces of a head (a warp each)
+    pieces = max(p for p in range(1, min(bdx, MERGE_PIECES) + 1) if bdx % p == 0)
+    return {"vec": vec, "bdx": bdx, "bdy": bdy, "bdz": bdz, "splits": splits, "merge_pieces": pieces}
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target: "str | DeviceTarget",
                      page_size: int = 16, dtype: str = "float16", override: dict[str, int] | None = None,
                      sliding_window: bool = False):
     """The PrimFunc (CUDA targets; the CPU keeps TVM's kernels). `sliding_window`: the variant the cache calls
-    for sliding-window layers (length_info [3, B]). `override`: bdz / splits replacing `config`'s
-    (benchmark sweeps only)."""
+    for sliding-window layers (length_info [3, B]). `override`: bdz / splits / merge_pieces replacing
+    `config`'s (benchmark sweeps and tests only)."""
     from tvm.script import tirx as T
 
     dt = get_target(target)
@@ -87,12 +98,16 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
         raise UserError(f"decode attention: {dt.name} is not a CUDA target")
     c = {**config(num_qo_heads, num_kv_heads, head_dim, dt), **(override or {})}
     VEC, bdx, bdy, bdz, NS, TOK = c["vec"], c["bdx"], c["bdy"], c["bdz"], c["splits"], 2  # TOK: the 2-value reduce below
+    MP = c["merge_pieces"]
+    if bdx % MP:
+        raise UserError(f"decode attention: merge_pieces {MP} must divide the {bdx} pieces of a head")
     H_qo, H_kv, D, G = num_qo_heads, num_kv_heads, head_dim, num_qo_heads // num_kv_heads
     NEG = -5e4  # as TVM's kernels: finite, so exp2(NEG - m) underflows to 0 without inf - inf
     # vector loops run 4 lanes at a time: CUDA has no 8-lane fp32 type, and TVM's codegen cannot emit an
     # 8-lane fp16 load into a local array (head_dim 256, e.g. Gemma3, takes VEC = 8)
     LV = min(VEC, 4)
     SW = bool(sliding_window)
+    NJ = -(-NS // 32)  # slices per lane in the merge
     # the cache's own length and token-to-slot rules, so this kernel attends exactly where TVM's would
     from tvm.relax.frontend.nn.llm._kernel_common import _get_kv_chunk_len, _get_seq_offset
 
@@ -225,28 +240,53 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                                 for i1 in T.vectorized(LV):
                                                     part_o[bx, head, bz, tx * VEC + i0 * LV + i1] = o_loc[i0 * LV + i1] / st[1]
                                             part_lse[bx, head, bz] = st[0] + T.log2(st[1])
+            # Merge: one warp per (head, VEC-wide piece of the head dim), one slice per lane (NJ per lane past 32),
+            # so every partial is loaded at once and the max / sums are warp shuffles: a loop over the slices in
+            # one thread was a chain of dependent L2 round trips (SmolLM2: 2.5 us of a ~20 us layer, 5% of a step).
             for bx in T.thread_binding(B, thread="blockIdx.x"):
                 for h in T.thread_binding(H_qo, thread="blockIdx.y"):
-                    for tx in T.thread_binding(bdx, thread="threadIdx.x"):
-                        with T.sblock("merge"):
-                            acc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
-                            mx = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max lse, sum of weights
-                            mx[0] = T.float32(NEG)
-                            for j in T.serial(NS):
-                                mx[0] = T.max(mx[0], part_lse[bx, h, j])
-                            mx[1] = T.float32(0)
-                            for i in T.unroll(VEC):
-                                acc[i] = T.float32(0)
-                            for j in T.serial(NS):
-                                w: T.let[T.float32] = T.exp2(part_lse[bx, h, j] - mx[0])
-                                mx[1] = mx[1] + w
-                                for i in T.unroll(VEC):
-                                    acc[i] = acc[i] + w * part_o[bx, h, j, tx * VEC + i]
-                            for i0 in T.unroll(VEC // LV):
-                                for i1 in T.vectorized(LV):
-                                    output[bx, h, tx * VEC + i0 * LV + i1] = T.Cast(dtype, acc[i0 * LV + i1] / mx[1])
-                            if tx == 0:
-                                lse[bx, h] = mx[0] + T.log2(mx[1])
+                    for pz in T.thread_binding(bdx // MP, thread="blockIdx.z"):
+                        for py in T.thread_binding(MP, thread="threadIdx.y"):
+                            for lane in T.thread_binding(32, thread="threadIdx.x"):
+                                with T.sblock("merge"):
+                                    ty: T.let[T.int32] = pz * MP + py
+                                    pl = T.sblock_alloc_buffer((NJ,), "float32", scope="local")
+                                    po = T.sblock_alloc_buffer((NJ, VEC), "float32", scope="local")
+                                    acc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                    mx = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max lse, sum of weights
+                                    for jj in T.unroll(NJ):
+                                        # lanes past the last slice read it again (an address that exists), weight 0 below
+                                        pl[jj] = part_lse[bx, h, T.min(jj * 32 + lane, NS - 1)]
+                                        for i0 in T.unroll(VEC // LV):
+                                            for i1 in T.vectorized(LV):
+                                                po[jj, i0 * LV + i1] = part_o[bx, h, T.min(jj * 32 + lane, NS - 1),
+                                                                              ty * VEC + i0 * LV + i1]
+                                    mx[0] = pl[0]
+                                    for jj in T.unroll(1, NJ):
+                                        mx[0] = T.max(mx[0], pl[jj])
+                                    for sh in T.unroll(5):
+                                        mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(
+                                            T.tvm_warp_activemask(), mx[0], T.shift_right(32, sh + 1), 32, 32))
+                                    mx[1] = T.float32(0)
+                                    for i in T.unroll(VEC):
+                                        acc[i] = T.float32(0)
+                                    for jj in T.unroll(NJ):
+                                        w: T.let[T.float32] = T.if_then_else(jj * 32 + lane < NS, T.exp2(pl[jj] - mx[0]), T.float32(0))
+                                        mx[1] = mx[1] + w
+                                        for i in T.unroll(VEC):
+                                            acc[i] = acc[i] + w * po[jj, i]
+                                    for sh in T.unroll(5):
+                                        mx[1] = mx[1] + T.tvm_warp_shuffle_xor(
+                                            T.tvm_warp_activemask(), mx[1], T.shift_right(32, sh + 1), 32, 32)
+                                        for i in T.unroll(VEC):
+                                            acc[i] = acc[i] + T.tvm_warp_shuffle_xor(
+                                                T.tvm_warp_activemask(), acc[i], T.shift_right(32, sh + 1), 32, 32)
+                                    if lane == 0:
+                                        for i0 in T.unroll(VEC // LV):
+                                            for i1 in T.vectorized(LV):
+                                                output[bx, h, ty * VEC + i0 * LV + i1] = T.Cast(dtype, acc[i0 * LV + i1] / mx[1])
+                                        if ty == 0:
+                                            lse[bx, h] = mx[0] + T.log2(mx[1])
 
     # the cache builds both variants into every module, so they need names of their own
     return batch_decode_paged_kv_split.with_attr("global_symbol", "batch_decode_paged_kv_split" + ("_window" if SW else ""))
