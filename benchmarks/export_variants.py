@@ -92,26 +92,29 @@ def export(name: str):
     from export.exporter import export_config
 
     out = GPU_DIR / name
+
+    def shape():  # the 7B (W4 g128) or SmolLM2 (W4 g64) config of the llama7b-w4-* / smol-* variants
+        return (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
+
     if prefetch_budgets(name):
         import tvm_kernels.gemv_w4a16 as gemv
 
         after, elsewhere = prefetch_budgets(name)
-        cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
+        cfg, g = shape()
         with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if merge_pieces(name):
         import tvm_kernels.decode_attention as da
 
-        cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
+        cfg, g = shape()
         with patched(da, "MERGE_PIECES", merge_pieces(name)):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):
             return export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)
     if name in ("smol-s32", "smol-s64"):
-        smol = json.loads((SMOL_FP16 / "config.json").read_text())
         with splits_capped(int(name[-2:])):
-            return export_config(smol, "cuda-sm90", out, group_size=64, force=True, context_length=4096)
+            return export_config(shape()[0], "cuda-sm90", out, group_size=64, force=True, context_length=4096)
     if name == "gemma3-tiny":
         sys.path.insert(0, str(REPO / "tests"))
         from tiny_models import tiny_config
