@@ -17,6 +17,8 @@ constant of the export for the duration of its build (an experiment measured and
   (llama7b-w4-lop3 / -f16x2 and smol-lop3 / -f16x2, Marlin's lop3 dequantize in the decode GEMVs where
    cuda_config picked it or nowhere, lived in the experiment commit cc67fec -> gemv_math_h100.json:
    SmolLM2 x0.96-1.00, 7B x1.00-1.02, not kept)
+  smol-bdzN           SmolLM2 W4 g64 with N parallel token streams per decode-attention block (config: 10)
+                      -> decode_attn_merge_ab_h100.json
   llama7b-w4-mpN      the 7B / SmolLM2 W4 g64 with the decode attention's merge in blocks of N warps (N pieces of a
   smol-mpN            head; decode_attention.MERGE_PIECES) -> decode_attn_merge_ab_h100.json
   gemma3-tiny         tests/tiny_models.py's Gemma3 with a 64-token window, W4 g64, context 1024
@@ -67,6 +69,14 @@ def splits_capped(cap: int):
     return patched(da, "config", config)
 
 
+def token_streams(name: str):
+    """N from a name smol-bdzN (decode attention's parallel token streams per block; SmolLM2's config has 10)."""
+    import re
+
+    m = re.fullmatch(r"smol-bdz(\d+)", name)
+    return None if m is None else int(m.group(1))
+
+
 def merge_pieces(name: str):
     """N from a name ending in -mpN, or None."""
     import re
@@ -103,6 +113,16 @@ def export(name: str):
         cfg, g = shape()
         with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
+    if token_streams(name):
+        import tvm_kernels.decode_attention as da
+
+        base = da.config
+
+        def config(num_qo_heads, num_kv_heads, head_dim, target):
+            return {**base(num_qo_heads, num_kv_heads, head_dim, target), "bdz": token_streams(name)}
+
+        with patched(da, "config", config):
+            return export_config(shape()[0], "cuda-sm90", out, group_size=64, force=True, context_length=4096)
     if merge_pieces(name):
         import tvm_kernels.decode_attention as da
 
@@ -131,7 +151,8 @@ def export(name: str):
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    unknown = [n for n in argv if n not in VARIANTS and not prefetch_budgets(n) and not merge_pieces(n)]
+    unknown = [n for n in argv if n not in VARIANTS and not prefetch_budgets(n) and not merge_pieces(n)
+               and not token_streams(n)]
     if unknown:  # before anything is built
         raise SystemExit(f"export_variants.py: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)}")
     from tvm_kernels.cuda_env import prepare_cuda_build
