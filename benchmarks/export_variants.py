@@ -19,9 +19,9 @@ constant of the export for the duration of its build (an experiment measured and
    SmolLM2 x0.96-1.00, 7B x1.00-1.02, not kept)
   llama7b-w4-nopdl    the 7B / SmolLM2 W4 g64 without programmatic dependent launch (kernel times in a profile
   smol-nopdl          are then each kernel's own; benchmarks/_device_profile.py)
-  llama7b-w4-ppX      the 7B / SmolLM2 W4 g64 with the decode attention's L2 prefetch of its pages before its PDL
-  smol-ppX            wait: X = none, first (its first loop step's pages; the default) or slice (all)
-                      (decode_attention.PREFETCH_PAGES) -> decode_attn_prefetch_ab_h100.json
+  (llama7b-w4-ppX and smol-ppX, X = none / first / slice: the decode attention's L2 prefetch of its first loop
+   step's or its whole slice's pages before its PDL wait, lived in the experiment commit 6648832 ->
+   decode_attn_prefetch_ab_h100.json: x0.95-1.08 in runs that disagree, not kept)
   smol-bdzN           SmolLM2 W4 g64 with N parallel token streams per decode-attention block (config: 10)
                       -> decode_attn_merge_ab_h100.json
   llama7b-w4-mpN      the 7B / SmolLM2 W4 g64 with the decode attention's merge in blocks of N warps (N pieces of a
@@ -98,8 +98,7 @@ def prefetch_budgets(name: str):
     return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20)
 
 
-VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "llama7b-w4-nopdl", "smol-nopdl", "llama7b-w4-ppfirst",
-            "llama7b-w4-ppslice", "llama7b-w4-ppnone", "smol-ppfirst", "smol-ppslice", "smol-ppnone", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "llama7b-w4-nopdl", "smol-nopdl", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
 def export(name: str):
@@ -134,12 +133,6 @@ def export(name: str):
 
         cfg, g = shape()
         with patched(da, "MERGE_PIECES", merge_pieces(name)):
-            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
-    if name.endswith(("-ppfirst", "-ppslice", "-ppnone")):
-        import tvm_kernels.decode_attention as da
-
-        cfg, g = shape()
-        with patched(da, "PREFETCH_PAGES", name.rsplit("-pp", 1)[1]):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name.endswith("-nopdl"):
         cfg, g = shape()

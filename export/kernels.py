@@ -53,7 +53,7 @@ def make_norm_ops(device_target):
 
 
 @contextmanager
-def attention_kernels(device_target, rope_mode: int, pdl: bool = False):
+def attention_kernels(device_target, rope_mode: int):
     """While TVM's paged KV cache is being built, hand it our CUDA attention kernels for fp16 layers:
     tvm_kernels.decode_attention (split-KV decode, full-attention and sliding-window layers) and
     tvm_kernels.prefill_attention (tensor-core prefill over the new tokens).
@@ -61,8 +61,7 @@ def attention_kernels(device_target, rope_mode: int, pdl: bool = False):
     The cache has no parameter for this: TIRPagedKVCache looks its kernel builders up by name in
     tvm.relax.frontend.nn.llm.kv_cache when constructed, so the names are swapped for the duration of
     that call and restored after. Other dtypes, inline RoPE and the CPU keep TVM's own kernels (prefill
-    over cached pages, used when a prompt continues a cached prefix, too). `pdl`: the export launches with
-    programmatic dependent launch (the decode kernel then does work before its wait)."""
+    over cached pages, used when a prompt continues a cached prefix, too)."""
     import tvm.relax.frontend.nn.llm.kv_cache as kvc
 
     from tvm_kernels.decode_attention import applies_to, decode_attention
@@ -77,7 +76,7 @@ def attention_kernels(device_target, rope_mode: int, pdl: bool = False):
         if dtype != "float16":
             return stock_decode(num_kv_heads, num_qo_heads, head_dim, dtype, sliding_window, rope_scaling, target, page_size)
         return decode_attention(num_kv_heads, num_qo_heads, head_dim, device_target, page_size=page_size, dtype=dtype,
-                                sliding_window=bool(sliding_window), pdl=pdl)
+                                sliding_window=bool(sliding_window))
 
     def prefill(h_kv, h_q, d_qk, d_v, dtype, rope_scaling, target):
         # same semantics as TVM's ragged kernel (causal attention among the new tokens; the cache adds the

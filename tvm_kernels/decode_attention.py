@@ -29,8 +29,6 @@ import math
 import numpy as np
 
 from tvm_kernels.errors import UserError
-from tvm_kernels.gemv_w4a16 import _PREFETCH_SOURCE
-from tvm_kernels.pdl import _LAUNCH_SOURCE, _WAIT_SOURCE
 from tvm_kernels.targets import DeviceTarget, get_target
 
 LOG2E = math.log2(math.e)
@@ -63,10 +61,6 @@ def applies_to(rope_mode: int) -> bool:
 # x1.00 / 1.00 / 0.99 with 1, x0.99 with 4, x0.98-0.99 with a whole head.
 MERGE_PIECES = 1
 
-# Under PDL on sm_90, which of the split kernel's pages it asks the L2 for before its wait (see the kernel):
-# "none", "first" (those of its first loop step) or "slice" (all of its slice).
-PREFETCH_PAGES = "first"
-
 
 def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTarget) -> dict[str, int]:
     if num_kv_heads <= 0 or num_qo_heads % num_kv_heads:
@@ -93,11 +87,10 @@ def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTa
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target: "str | DeviceTarget",
                      page_size: int = 16, dtype: str = "float16", override: dict[str, int] | None = None,
-                     sliding_window: bool = False, pdl: bool = False):
+                     sliding_window: bool = False):
     """The PrimFunc (CUDA targets; the CPU keeps TVM's kernels). `sliding_window`: the variant the cache calls
     for sliding-window layers (length_info [3, B]). `override`: bdz / splits / merge_pieces replacing
-    `config`'s (benchmark sweeps and tests only). `pdl`: the export launches with programmatic dependent
-    launch (tvm_kernels/pdl.py); on sm_90 the split kernel then asks the L2 for its pages before its wait."""
+    `config`'s (benchmark sweeps and tests only)."""
     from tvm.script import tirx as T
 
     dt = get_target(target)
@@ -115,12 +108,6 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
     LV = min(VEC, 4)
     SW = bool(sliding_window)
     NJ = -(-NS // 32)  # slices per lane in the merge
-    # sm_90 (measured on the H100) under PDL: the split kernel asks the L2 for its pages, then waits itself
-    if PREFETCH_PAGES not in ("none", "first", "slice"):
-        raise UserError(f"decode attention: PREFETCH_PAGES {PREFETCH_PAGES!r} is none, first or slice")
-    PREFETCH = PREFETCH_PAGES != "none" and pdl and dt.sm == 90
-    # pages a slice's first loop step touches (its start may sit anywhere in a page)
-    PF_MAX = (-(-bdz * TOK // page_size) + 1) if PREFETCH_PAGES == "first" else 1 << 30
     # the cache's own length and token-to-slot rules, so this kernel attends exactly where TVM's would
     from tvm.relax.frontend.nn.llm._kernel_common import _get_kv_chunk_len, _get_seq_offset
 
@@ -175,7 +162,6 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                         m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                         st = T.sblock_alloc_buffer((2,), "float32", scope="local")  # m, d
                                         span = T.sblock_alloc_buffer((3,), "int32", scope="local")  # lo, hi, len
-                                        pgs = T.sblock_alloc_buffer((2,), "int32", scope="local")  # prefetch: first page, pages
                                         o_sh = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
                                         md_sh = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
                                         head: T.let[T.int32] = by * G + ty
@@ -185,24 +171,6 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                         per: T.let[T.int32] = T.ceildiv(span[2], NS)
                                         span[0] = T.min(bz * per, span[2])
                                         span[1] = T.min(span[0] + per, span[2])
-                                        if PREFETCH:
-                                            # Before waiting on the kernel before (PDL): ask the L2 for this slice's
-                                            # pages (this head's K and V rows). Earlier steps wrote them; the one row
-                                            # that kernel may still be writing (the new token's) is read after the wait.
-                                            if ty == 0 and tx == 0 and span[0] < span[1]:
-                                                pgs[0] = T.floordiv(_get_seq_offset(span[0], bx, length_info, SW), page_size)
-                                                pgs[1] = T.min(T.floordiv(_get_seq_offset(span[1] - 1, bx, length_info, SW), page_size)
-                                                               - pgs[0] + 1, PF_MAX)
-                                                for it in T.serial(T.ceildiv(pgs[1], bdz)):
-                                                    if it * bdz + tz < pgs[1]:
-                                                        for kv in T.unroll(2):
-                                                            T.evaluate(T.cuda.func_call(
-                                                                "awq_prefetch_l2",
-                                                                T.address_of(pages[values[begin + pgs[0] + it * bdz + tz], kv, by, 0, 0]),
-                                                                page_size * D * 2, source_code=_PREFETCH_SOURCE, return_type="void"))
-                                            T.evaluate(T.cuda.func_call("awq_pdl_wait", source_code=_WAIT_SOURCE, return_type="void"))
-                                            T.evaluate(T.cuda.func_call("awq_pdl_launch_dependents", source_code=_LAUNCH_SOURCE,
-                                                                        return_type="void"))
                                         st[0] = T.float32(NEG)
                                         st[1] = T.float32(1)
                                         for i0 in T.unroll(VEC // LV):

@@ -75,29 +75,15 @@ def _kernel_loops(func) -> list:
     return found
 
 
-def _waits_itself(stmt) -> bool:
-    """Whether a kernel already calls wait: it has work that depends on nothing before it (reads of data an
-    earlier kernel than its predecessor wrote, e.g. the decode attention's L2 prefetch of its pages) and
-    places wait + launch_dependents after that work itself."""
-    import tvm_ffi
-    from tvm import ir
-
-    found = []
-    tvm_ffi.structural_visit(stmt, [(ir.StringImm, lambda s, v: found.append(s.value == "awq_pdl_wait"))])
-    return any(found)
-
-
 def with_pdl(func):
     """`func` (a scheduled PrimFunc) with the launch tag and wait + launch_dependents at the start of each
-    of its kernels (the body of each outermost thread-binding loop) that does not place them itself."""
+    of its kernels (the body of each outermost thread-binding loop)."""
     import tvm_ffi
     from tvm import tirx
 
     def mutate(stmt, mutator):
         if not _is_kernel_loop(stmt):
             return mutator.default_mutate(stmt)
-        if _waits_itself(stmt):
-            return stmt
         body = tirx.SeqStmt([tirx.Evaluate(wait()), tirx.Evaluate(launch_dependents()), stmt.body])
         return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
                         stmt.annotations, stmt.step)
