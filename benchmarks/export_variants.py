@@ -17,9 +17,9 @@ constant of the export for the duration of its build (an experiment measured and
   (llama7b-w4-lop3 / -f16x2 and smol-lop3 / -f16x2, Marlin's lop3 dequantize in the decode GEMVs where
    cuda_config picked it or nowhere, lived in the experiment commit cc67fec -> gemv_math_h100.json:
    SmolLM2 x0.96-1.00, 7B x1.00-1.02, not kept)
-  llama7b-w4-pgahead  the 7B / SmolLM2 W4 g64 with the decode attention loading the next loop step's page ids
-  llama7b-w4-pgnow    during this step (-pgahead, the default) or at the step's start (-pgnow)
-  smol-pgahead, smol-pgnow  (decode_attention.PAGE_IDS_AHEAD) -> decode_attn_pageids_ab_h100.json
+  (llama7b-w4-pgahead / -pgnow and smol-pgahead / -pgnow, the decode attention loading the next loop step's
+   page ids during this step, lived in the experiment commit 7ee0d12 -> decode_attn_prefetch_ab_h100.json:
+   SmolLM2 x0.98-0.99, 7B x1.00, not kept)
   llama7b-w4-nopdl    the 7B / SmolLM2 W4 g64 without programmatic dependent launch (kernel times in a profile
   smol-nopdl          are then each kernel's own; benchmarks/_device_profile.py)
   (llama7b-w4-ppX and smol-ppX, X = none / first / slice: the decode attention's L2 prefetch of its first loop
@@ -101,8 +101,7 @@ def prefetch_budgets(name: str):
     return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20)
 
 
-VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "llama7b-w4-nopdl", "smol-nopdl", "llama7b-w4-pgahead",
-            "llama7b-w4-pgnow", "smol-pgahead", "smol-pgnow", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "llama7b-w4-nopdl", "smol-nopdl", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
 def export(name: str):
@@ -137,12 +136,6 @@ def export(name: str):
 
         cfg, g = shape()
         with patched(da, "MERGE_PIECES", merge_pieces(name)):
-            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
-    if name.endswith(("-pgahead", "-pgnow")):
-        import tvm_kernels.decode_attention as da
-
-        cfg, g = shape()
-        with patched(da, "PAGE_IDS_AHEAD", name.endswith("-pgahead")):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name.endswith("-nopdl"):
         cfg, g = shape()

@@ -61,9 +61,6 @@ def applies_to(rope_mode: int) -> bool:
 # x1.00 / 1.00 / 0.99 with 1, x0.99 with 4, x0.98-0.99 with a whole head.
 MERGE_PIECES = 1
 
-# Each loop step loads the next step's page ids along with its own K/V rows.
-PAGE_IDS_AHEAD = True
-
 
 def config(num_qo_heads: int, num_kv_heads: int, head_dim: int, target: DeviceTarget) -> dict[str, int]:
     if num_kv_heads <= 0 or num_qo_heads % num_kv_heads:
@@ -111,7 +108,6 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
     LV = min(VEC, 4)
     SW = bool(sliding_window)
     NJ = -(-NS // 32)  # slices per lane in the merge
-    PAGE_AHEAD = PAGE_IDS_AHEAD
     # the cache's own length and token-to-slot rules, so this kernel attends exactly where TVM's would
     from tvm.relax.frontend.nn.llm._kernel_common import _get_kv_chunk_len, _get_seq_offset
 
@@ -166,7 +162,6 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                         m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                         st = T.sblock_alloc_buffer((2,), "float32", scope="local")  # m, d
                                         span = T.sblock_alloc_buffer((3,), "int32", scope="local")  # lo, hi, len
-                                        pgc = T.sblock_alloc_buffer((TOK,), "int32", scope="local")  # this step's page ids
                                         o_sh = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
                                         md_sh = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
                                         head: T.let[T.int32] = by * G + ty
@@ -182,17 +177,13 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                             for i1 in T.vectorized(LV):
                                                 q_loc[i0 * LV + i1] = T.Cast("float32", Q[bx, head, tx * VEC + i0 * LV + i1]) * sm_scale * T.float32(LOG2E)
                                                 o_loc[i0 * LV + i1] = T.float32(0)
-                                        if PAGE_AHEAD and span[0] < span[1]:
-                                            for j in T.unroll(TOK):
-                                                pgc[j] = values[begin + T.floordiv(_get_seq_offset(
-                                                    T.min(span[0] + tz * TOK + j, span[1] - 1), bx, length_info, SW), page_size)]
                                         for it in T.serial(T.ceildiv(span[1] - span[0], bdz * TOK)):
                                             # TOK rows per thread: their loads are issued together, then used
                                             for j in T.unroll(TOK):
                                                 pos: T.let[T.int32] = span[0] + (it * bdz + tz) * TOK + j
                                                 # past the slice: read its last row again (an address that exists), mask the score
                                                 off: T.let[T.int32] = _get_seq_offset(T.min(pos, span[1] - 1), bx, length_info, SW)
-                                                page: T.let[T.int32] = pgc[j] if PAGE_AHEAD else values[begin + T.floordiv(off, page_size)]
+                                                page: T.let[T.int32] = values[begin + T.floordiv(off, page_size)]
                                                 slot: T.let[T.int32] = T.floormod(off, page_size)
                                                 for i0 in T.unroll(VEC // LV):
                                                     for i1 in T.vectorized(LV):
@@ -200,13 +191,6 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, target
                                                 for i0 in T.unroll(VEC // LV):
                                                     for i1 in T.vectorized(LV):
                                                         v_loc[j, i0 * LV + i1] = pages[page, 1, by, slot, tx * VEC + i0 * LV + i1]
-                                            if PAGE_AHEAD:
-                                                # the next step's page ids, requested while this step's rows are in flight:
-                                                # a step then waits on one load (its rows), not two (page id, then rows)
-                                                for j in T.unroll(TOK):
-                                                    pgc[j] = values[begin + T.floordiv(_get_seq_offset(
-                                                        T.min(span[0] + ((it + 1) * bdz + tz) * TOK + j, span[1] - 1), bx, length_info, SW),
-                                                        page_size)]
                                             for j in T.unroll(TOK):
                                                 dot[j] = T.float32(0)
                                                 for i in T.unroll(VEC):
