@@ -246,7 +246,8 @@ class Engine:
     def _graph_step(self, token: int) -> np.ndarray:
         with self._forward_of([token]):
             self._qpos(self.kv)  # the page table goes to the device now, outside the graph
-            return self.graph.step(int(token), len(self.cached) + 1)
+            logits = self.graph.step(int(token), len(self.cached) + 1).copy()
+        return logits
 
     def _check_fits(self, n_total: int):
         if n_total > self.context_length:
@@ -281,17 +282,11 @@ class Engine:
         return self.to_host(out, self._logits_host.reshape(1, 1, -1)).reshape(-1).copy()
 
     def decode(self, token: int) -> np.ndarray:
-        """One decode step on `token` -> the next position's logits (vocab floats, the caller's to keep)."""
-        return self._decode_view(token).copy()
-
-    def _decode_view(self, token: int) -> np.ndarray:
-        """decode() without the copy: the logits live in the engine's host buffer until the next forward
-        (generate samples from them first; ~10 us a step for a 49k vocabulary)."""
         self._check_room(1)
         if self.graph is not None:
             return self._graph_step(token)
         out = self._forward("decode", np.asarray([token], dtype=np.int32))
-        return self.to_host(out, self._logits_host.reshape(1, 1, -1)).reshape(-1)
+        return self.to_host(out, self._logits_host.reshape(1, 1, -1)).reshape(-1).copy()
 
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits at every position [n, vocab] for a fresh sequence (evaluation; needs `prefill_logits`)."""
@@ -347,7 +342,7 @@ class Engine:
             if len(self.cached) >= self.context_length:
                 stats["finish_reason"] = "context"
                 break
-            logits = self._decode_view(token)
+            logits = self.decode(token)
             stats["decode_steps"] += 1
             stats["decode_s"] = time.perf_counter() - t1
 

@@ -16,12 +16,10 @@ from runtime.errors import UserError
 
 
 def repetition_penalty(logits: np.ndarray, previous: Iterable[int], penalty: float) -> np.ndarray:
-    """CTRL-style penalty (as in transformers): seen tokens' positive logits / penalty, negative ones * penalty.
-    Without a penalty (1.0) the float32 logits themselves come back, not a copy: a decode step's are ~200 KB
-    and greedy decoding only reads them."""
-    if penalty == 1.0:
-        return np.asarray(logits, dtype=np.float32)
+    """CTRL-style penalty (as in transformers): seen tokens' positive logits / penalty, negative ones * penalty."""
     out = np.array(logits, dtype=np.float32, copy=True)
+    if penalty == 1.0:
+        return out
     ids = np.unique(np.fromiter(previous, dtype=np.int64))
     if ids.size:
         seen = out[ids]

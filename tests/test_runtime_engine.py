@@ -104,7 +104,7 @@ def test_chunked_prefill_and_decode_logits_match_transformers(engine, hf_model):
     assert np.abs(ours - ref).max() / scale < tol
     # token by token (prefill of one token, then decode steps) gives the same logits
     engine.reset()
-    steps = [engine.prefill(ids[:1])] + [engine.decode(t) for t in ids[1:40]]  # each the caller's own array
+    steps = [engine.prefill(ids[:1])] + [engine.decode(t) for t in ids[1:40]]
     assert np.abs(np.stack(steps) - ref[:40]).max() / scale < tol
     # chunked prefill, then decode, continues like transformers on the whole sequence
     engine.reset()
