@@ -63,45 +63,63 @@ def patched(obj, name: str, value):
         setattr(obj, name, old)
 
 
-def splits_capped(cap: int):
-    """decode_attention.config with the context cut into at most `cap` slices (the shipped cap is 32)."""
+def config_with(**values):
+    """decode_attention.config with some of its values replaced (a value may be a function of the config's
+    arguments)."""
     import tvm_kernels.decode_attention as da
 
     base = da.config
 
     def config(num_qo_heads, num_kv_heads, head_dim, target):
         c = base(num_qo_heads, num_kv_heads, head_dim, target)
-        c["splits"] = max(1, min(cap, -(-4 * target.num_sms // num_kv_heads)))
-        return c
+        return {**c, **{k: v(num_qo_heads, num_kv_heads, head_dim, target) if callable(v) else v
+                        for k, v in values.items()}}
 
     return patched(da, "config", config)
 
 
-def token_streams(name: str):
-    """N from a name smol-bdzN (decode attention's parallel token streams per block; SmolLM2's config has 10)."""
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
+
+
+def _gemv():
+    import tvm_kernels.gemv_w4a16 as gemv
+
+    return gemv
+
+
+def _attn():
+    import tvm_kernels.decode_attention as da
+
+    return da
+
+
+# The 7B (W4 g128) / SmolLM2 (W4 g64) variants that patch one setting: name pattern -> the patch (a context
+# manager) from the match; -sN caps the context slices at N (the shipped cap is 32).
+PATCHED = {
+    r"(llama7b-w4|smol)-pf(\d+)-(\d+)": lambda m: _both(
+        patched(_gemv(), "PREFETCH_AFTER_ATTENTION_BYTES", int(m[2]) << 20),
+        patched(_gemv(), "PREFETCH_BYTES", int(m[3]) << 20)),
+    r"(llama7b-w4|smol)-mp(\d+)": lambda m: patched(_attn(), "MERGE_PIECES", int(m[2])),
+    r"(smol)-bdz(\d+)": lambda m: config_with(bdz=int(m[2])),
+    r"(smol)-s(32|64)": lambda m: config_with(splits=lambda hq, hkv, d, t: max(1, min(int(m[2]), -(-4 * t.num_sms // hkv)))),
+}
+
+
+def patched_variant(name: str):
+    """(the regex match, its patch) for a PATCHED name, or None."""
     import re
 
-    m = re.fullmatch(r"smol-bdz(\d+)", name)
-    return None if m is None else int(m.group(1))
+    for pattern, patch in PATCHED.items():
+        m = re.fullmatch(pattern, name)
+        if m:
+            return m, patch
+    return None
 
 
-def merge_pieces(name: str):
-    """N from a name ending in -mpN, or None."""
-    import re
-
-    m = re.fullmatch(r"(llama7b-w4|smol)-mp(\d+)", name)
-    return None if m is None else int(m.group(2))
-
-
-def prefetch_budgets(name: str):
-    """(after attention, elsewhere) in bytes from a name ending in -pfA-D (MB), or None."""
-    import re
-
-    m = re.fullmatch(r"(llama7b-w4|smol)-pf(\d+)-(\d+)", name)
-    return None if m is None else (int(m.group(2)) << 20, int(m.group(3)) << 20)
-
-
-VARIANTS = ("llama7b-w4-fused", "smol-s32", "smol-s64", "llama7b-w4-nopdl", "smol-nopdl", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+VARIANTS = ("llama7b-w4-fused", "llama7b-w4-nopdl", "smol-nopdl", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
 def export(name: str):
@@ -114,28 +132,11 @@ def export(name: str):
     def shape():  # the 7B (W4 g128) or SmolLM2 (W4 g64) config of the llama7b-w4-* / smol-* variants
         return (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
 
-    if prefetch_budgets(name):
-        import tvm_kernels.gemv_w4a16 as gemv
-
-        after, elsewhere = prefetch_budgets(name)
+    found = patched_variant(name)
+    if found:
+        m, patch = found
         cfg, g = shape()
-        with patched(gemv, "PREFETCH_AFTER_ATTENTION_BYTES", after), patched(gemv, "PREFETCH_BYTES", elsewhere):
-            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
-    if token_streams(name):
-        import tvm_kernels.decode_attention as da
-
-        base = da.config
-
-        def config(num_qo_heads, num_kv_heads, head_dim, target):
-            return {**base(num_qo_heads, num_kv_heads, head_dim, target), "bdz": token_streams(name)}
-
-        with patched(da, "config", config):
-            return export_config(shape()[0], "cuda-sm90", out, group_size=64, force=True, context_length=4096)
-    if merge_pieces(name):
-        import tvm_kernels.decode_attention as da
-
-        cfg, g = shape()
-        with patched(da, "MERGE_PIECES", merge_pieces(name)):
+        with patch(m):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
     if name.endswith("-nopdl"):
         cfg, g = shape()
@@ -143,9 +144,6 @@ def export(name: str):
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):
             return export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)
-    if name in ("smol-s32", "smol-s64"):
-        with splits_capped(int(name[-2:])):
-            return export_config(shape()[0], "cuda-sm90", out, group_size=64, force=True, context_length=4096)
     if name == "gemma3-tiny":
         sys.path.insert(0, str(REPO / "tests"))
         from tiny_models import tiny_config
@@ -162,10 +160,10 @@ def export(name: str):
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    unknown = [n for n in argv if n not in VARIANTS and not prefetch_budgets(n) and not merge_pieces(n)
-               and not token_streams(n)]
+    unknown = [n for n in argv if n not in VARIANTS and not patched_variant(n)]
     if unknown:  # before anything is built
-        raise SystemExit(f"export_variants.py: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)}")
+        raise SystemExit(f"export_variants.py: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)} "
+                         f"or a name matching {', '.join(PATCHED)}")
     from tvm_kernels.cuda_env import prepare_cuda_build
 
     prepare_cuda_build()
