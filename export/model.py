@@ -308,9 +308,9 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
 
         def forward(self, x):
             lead, x2 = self._rows(x)
-            pf = self._prefetch()
-            y = (linear_op(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G) if pf is None else
-                 linear_op(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G, prefetch=pf))
+            pf = self._prefetch()  # only a provider with l2_prefetch (prefetch_next) takes the argument
+            y = linear_op(x2, self.weight, self.scales, self.zeros, self.N, self.K, self.G,
+                          **({} if pf is None else {"prefetch": pf}))
             if self.bias is not None:
                 y = y + self.bias
             return op.reshape(y, (*lead, self.N))

@@ -94,7 +94,7 @@ class L2Prefetch:
 def prefetch_rows(N: int, K: int, G: int, budget: int) -> int:
     """How many leading rows of an N x K (group G) W4 matrix fit `budget` bytes, in steps of 16 rows (so each
     region is a multiple of 16 bytes for any K, G)."""
-    row_bytes = K // 2 + 2 * (K // G) * 2
+    row_bytes = sum(size for _, size in L2Prefetch(N, K, G, rows=1).regions())
     return min(N, budget // row_bytes) // 16 * 16
 
 
@@ -418,6 +418,7 @@ def _cuda_kernel(N: int, K: int, G: int, M: int, cfg: CudaConfig, glu: str | Non
                                 prefetch_region(pf_z, PF_REGIONS[2][1], PF_REGIONS[2][2], 2, pf.K // pf.G, bx)
 
     return _drop_params(gemv, {"gamma": NORM, "r_in": RES, "pf_w": PF, "pf_s": PF, "pf_z": PF})
+
 
 def _drop_params(func, keep: dict[str, bool]):
     """`func` without the buffer parameters whose name maps to False (the body must not use them): one
