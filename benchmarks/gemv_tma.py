@@ -22,9 +22,12 @@ SHAPES = {"l7b_qkv": (12288, 4096, 128, None), "l7b_o": (4096, 4096, 128, None),
           "l7b_down": (4096, 11008, 128, None), "smol_qkv": (960, 576, 64, None), "smol_o": (576, 576, 64, None),
           "smol_gate_up": (3072, 576, 64, "silu"), "smol_down": (576, 1536, 64, None)}
 # variant -> TmaConfig kwargs (None: the committed kernel)
-VARIANTS = {"regs": None, "tma_w8r2": {"warps": 8, "rows": 2}, "tma_w16r2": {"warps": 16, "rows": 2},
-            "tma_w12r2": {"warps": 12, "rows": 2}, "tma_w16r2s2": {"warps": 16, "rows": 2, "stages": 2},
-            "tma_w16r1": {"warps": 16, "rows": 1}}
+VARIANTS = {"regs": None, "tma_w16r2s2": {"warps": 16, "rows": 2, "stages": 2},
+            "tma_w16r2s2_nomath": {"warps": 16, "rows": 2, "stages": 2, "diag": "nomath"},
+            "tma_w16r2s2_nocopy": {"warps": 16, "rows": 2, "stages": 2, "diag": "nocopy"},
+            "tma_w8r2": {"warps": 8, "rows": 2}, "tma_w8r2_nomath": {"warps": 8, "rows": 2, "diag": "nomath"},
+            "tma_w8r2_nocopy": {"warps": 8, "rows": 2, "diag": "nocopy"}}
+# diag variants (wrong results by design, tvm_kernels/gemv_w4a16_tma `diag`) are timed, not checked
 
 
 def cmd_build(args) -> int:
@@ -45,7 +48,9 @@ def cmd_build(args) -> int:
     for v, kw in VARIANTS.items():
         for name, (N, K, G, glu) in SHAPES.items():
             try:
-                f = gemv_w4a16(N, K, G, t, glu=glu) if kw is None else gemv_w4a16_tma(N, K, G, t, TmaConfig(**kw), glu=glu)
+                f = gemv_w4a16(N, K, G, t, glu=glu) if kw is None else gemv_w4a16_tma(
+                    N, K, G, t, TmaConfig(**{k_: v_ for k_, v_ in kw.items() if k_ != "diag"}), glu=glu,
+                    diag=kw.get("diag", ""))
             except UserError as e:  # a tiling that does not fit this shape
                 print(f"{name}/{v}: {e}")
                 continue
@@ -81,7 +86,7 @@ def cmd_device(args) -> int:
     for name, (N, K, G, glu) in SHAPES.items():
         k = {"N": N, "K": K, "G": G, "M": 1, "kind": "gemv_glu" if glu else "gemv", "act": glu}
         for v in VARIANTS:
-            if not has(f"{name}__{v}"):
+            if not has(f"{name}__{v}") or "diag" in (VARIANTS[v] or {}):
                 continue
             c = dk.check_gemv_variant(mod[f"{name}__{v}"], k, gen)
             res["check"][f"{name}/{v}"] = c

@@ -105,7 +105,10 @@ def plan(N: int, K: int, G: int, cfg: TmaConfig, num_sms: int) -> dict:
             "ZREL": wbytes + _round(sbytes, 128), "SREL": wbytes, "total": head + S * stage}
 
 
-def gemv_w4a16_tma(N: int, K: int, G: int, target, cfg: TmaConfig | None = None, glu: str | None = None):
+def gemv_w4a16_tma(N: int, K: int, G: int, target, cfg: TmaConfig | None = None, glu: str | None = None,
+                   diag: str = ""):
+    """diag (measurement only, wrong results): "nomath" consumers release each stage unread; "nocopy" the
+    producer only signals (expect_tx 0), consumers compute on whatever shared memory holds."""
     from tvm.script import tirx as T
 
     t = get_target(target)
@@ -113,6 +116,7 @@ def gemv_w4a16_tma(N: int, K: int, G: int, target, cfg: TmaConfig | None = None,
         raise UserError(f"gemv_w4a16_tma: needs sm_90's bulk copies; target {t.name}")
     if N % 8 or K % 32 or K % G:
         raise UserError(f"gemv_w4a16_tma: N={N} must be a multiple of 8, K={K} of 32 and of the group size {G}")
+    NOCOPY, NOMATH = diag == "nocopy", diag == "nomath"
     cfg = cfg or TmaConfig()
     if glu is not None and cfg.rows % 2:  # a warp must hold both rows of a (gate, up) pair
         cfg = dataclasses.replace(cfg, rows=2 * cfg.rows)
@@ -132,6 +136,12 @@ def gemv_w4a16_tma(N: int, K: int, G: int, target, cfg: TmaConfig | None = None,
 
     def call(name, *args, return_type="void"):
         return T.cuda.func_call(name, *args, source_code=_SOURCES[name], return_type=return_type)
+
+    def xslot(q):
+        """The shared 16-byte slot of x's 16-byte piece q = 4c + j (chunk c's activations j*8 .. j*8 + 7): piece j
+        of chunk c sits at j ^ ((c >> 1) & 3), so the 8 lanes of a quarter warp, reading piece j of 8 consecutive
+        chunks, hit 8 different bank groups (unswizzled, the 64-byte stride put 4 of them on one)."""
+        return q // 4 * 4 + T.bitwise_xor(q % 4, (q // 8) % 4)
 
     def full(s):  # byte offset of stage s's "filled" mbarrier; the "released" ones follow the S filled ones
         return s * 8
@@ -170,7 +180,7 @@ def gemv_w4a16_tma(N: int, K: int, G: int, target, cfg: TmaConfig | None = None,
                         for i in T.unroll(XSTEP):
                             if i * THREADS + ty * 32 + tx < K // 8:
                                 for v in T.vectorized(4):
-                                    sm[XOFF // 4 + (i * THREADS + ty * 32 + tx) * 4 + v] = xu[(i * THREADS + ty * 32 + tx) * 4 + v]
+                                    sm[XOFF // 4 + xslot(i * THREADS + ty * 32 + tx) * 4 + v] = xu[(i * THREADS + ty * 32 + tx) * 4 + v]
                         T.tvm_storage_sync("shared")
                         if ty == C:
                             if tx == 0:
@@ -181,26 +191,27 @@ def gemv_w4a16_tma(N: int, K: int, G: int, target, cfg: TmaConfig | None = None,
                                                             (i // S + 1) % 2))
                                         T.evaluate(call(
                                             "awq_mbar_expect_tx", sm.data, full(i % S),
-                                            T.min(RT, N - (bx + i * NB) * RT) * (K // 2 + 4 * NG)))
-                                        T.evaluate(call(
-                                            "awq_bulk_g2s", sm.data, SOFF + (i % S) * STAGE,
-                                            T.address_of(weight[(bx + i * NB) * RT, 0]),
-                                            T.min(RT, N - (bx + i * NB) * RT) * (K // 2), full(i % S)))
-                                        T.evaluate(call(
-                                            "awq_bulk_g2s", sm.data, SOFF + (i % S) * STAGE + SREL,
-                                            T.address_of(scales[(bx + i * NB) * RT, 0]),
-                                            T.min(RT, N - (bx + i * NB) * RT) * (2 * NG), full(i % S)))
-                                        T.evaluate(call(
-                                            "awq_bulk_g2s", sm.data, SOFF + (i % S) * STAGE + ZREL,
-                                            T.address_of(zeros[(bx + i * NB) * RT, 0]),
-                                            T.min(RT, N - (bx + i * NB) * RT) * (2 * NG), full(i % S)))
+                                            0 if NOCOPY else T.min(RT, N - (bx + i * NB) * RT) * (K // 2 + 4 * NG)))
+                                        if not NOCOPY:
+                                            T.evaluate(call(
+                                                "awq_bulk_g2s", sm.data, SOFF + (i % S) * STAGE,
+                                                T.address_of(weight[(bx + i * NB) * RT, 0]),
+                                                T.min(RT, N - (bx + i * NB) * RT) * (K // 2), full(i % S)))
+                                            T.evaluate(call(
+                                                "awq_bulk_g2s", sm.data, SOFF + (i % S) * STAGE + SREL,
+                                                T.address_of(scales[(bx + i * NB) * RT, 0]),
+                                                T.min(RT, N - (bx + i * NB) * RT) * (2 * NG), full(i % S)))
+                                            T.evaluate(call(
+                                                "awq_bulk_g2s", sm.data, SOFF + (i % S) * STAGE + ZREL,
+                                                T.address_of(zeros[(bx + i * NB) * RT, 0]),
+                                                T.min(RT, N - (bx + i * NB) * RT) * (2 * NG), full(i % S)))
                         else:
                             for i in T.serial(MAXT):
                                 if bx + i * NB < NT:
                                     T.evaluate(call("awq_mbar_wait", sm.data, full(i % S), (i // S) % 2))
                                     for r in T.unroll(R):
                                         acc[r] = T.float32(0)
-                                    for it in T.serial(ITERS):
+                                    for it in T.serial(0 if NOMATH else ITERS):
                                         if (not K_TAIL) or (it * 32 + tx < CH):
                                             for r in T.unroll(R):
                                                 for v in T.vectorized(4):
@@ -215,7 +226,7 @@ def gemv_w4a16_tma(N: int, K: int, G: int, target, cfg: TmaConfig | None = None,
                                                 part[r] = T.float32(0)
                                             for j in T.unroll(4):
                                                 for v in T.vectorized(4):
-                                                    xw[v] = sm[XOFF // 4 + (it * 32 + tx) * 16 + j * 4 + v]
+                                                    xw[v] = sm[XOFF // 4 + xslot((it * 32 + tx) * 4 + j) * 4 + v]
                                                 for jj in T.unroll(4):
                                                     xp[jj] = T.call_pure_extern(
                                                         "uint32", "__byte_perm", xw[jj // 2], xw[jj // 2 + 2],
