@@ -317,7 +317,39 @@ def bench_prefill_attn(fn, k, gen):
     return {"lengths": rows}
 
 
-CHECKS = {"gemv_glu": check_gemv_variant, "gemv_norm": check_gemv_variant, "gemv_res": check_gemv_variant, "add_norm": check_add_norm, "decode_attn": check_decode_attn, "prefill_attn": check_prefill_attn}
+def check_gemv_w8(fn, k, gen):
+    """The INT8 lm_head GEMV (tvm_kernels/gemv_w8a16): symmetric int8 [N, K] with fp16 scales per G columns,
+    float32 logits, against torch float32 for each M in k["Ms"] (one kernel: M is symbolic)."""
+    N, K, G = k["N"], k["K"], k["G"]
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEV, generator=gen)
+    s = (torch.rand((N, K // G), device=DEV, generator=gen) * 0.01 + 1e-4).half()
+    W = q.float() * s.float().repeat_interleave(G, 1)
+    worst, finite = 0.0, True
+    for M in k["Ms"]:
+        x = (torch.randn((M, K), device=DEV, generator=gen) * 3).half()
+        y = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float32)
+        fn(ffi(x), ffi(q), ffi(s), ffi(y))
+        torch.cuda.synchronize()
+        ref = x.float() @ W.T
+        finite = finite and bool(torch.isfinite(y).all())
+        worst = max(worst, float((y - ref).norm() / ref.norm()) if finite else float("nan"))
+    out = {"rel_err": worst, "all_written": finite, "ok": finite and worst < 1e-4}
+    if k["label"] != "odd":  # M = 1 timed cold against cuBLAS with the FP16 matrix (what the FP16 lm_head reads)
+        copies = copies_for(N * K)
+        Q = [ffi(torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEV, generator=gen)) for _ in range(copies)]
+        x, y = torch.randn((1, K), device=DEV, generator=gen).half(), torch.empty((1, N), device=DEV)
+        X, S, Y = ffi(x), ffi(s), ffi(y)
+        out["us"] = time_graph([(lambda q_=q_: fn(X, q_, S, Y)) for q_ in Q])[0] * 1e6
+        del Q
+        H = [torch.randn((N, K), device=DEV, generator=gen).half() for _ in range(copies_for(2 * N * K))]
+        out["cublas_fp16_us"] = time_graph([(lambda h=h: torch.matmul(x, h.T)) for h in H])[0] * 1e6
+        del H
+        log(f"gemv_w8 {k['label']}: {out['us']:.2f} us against cuBLAS FP16 {out['cublas_fp16_us']:.2f} us")
+    return out
+
+
+CHECKS = {"gemv_glu": check_gemv_variant, "gemv_norm": check_gemv_variant, "gemv_res": check_gemv_variant, "add_norm": check_add_norm, "decode_attn": check_decode_attn, "prefill_attn": check_prefill_attn,
+          "gemv_w8": check_gemv_w8}
 
 
 def check_gemm(fn, k, gen):

@@ -20,6 +20,9 @@ constant of the export for the duration of its build (an experiment measured and
   (llama7b-w4-pgahead / -pgnow and smol-pgahead / -pgnow, the decode attention loading the next loop step's
    page ids during this step, lived in the experiment commit 7ee0d12 -> decode_attn_prefetch_ab_h100.json:
    SmolLM2 x0.98-0.99, 7B x1.00, not kept)
+  llama7b-w4-lmhead-int8 / -fp16, smol-lmhead-int8 / -fp16
+                      the 7B / SmolLM2 W4 g64 (weights-less) with the INT8 or the FP16 lm_head (export --lm-head)
+                      -> lm_head_int8_gpu_ab_h100.json
   llama7b-w4-nopdl    the 7B / SmolLM2 W4 g64 without programmatic dependent launch (kernel times in a profile
   smol-nopdl          are then each kernel's own; benchmarks/_device_profile.py)
   (llama7b-w4-ppX and smol-ppX, X = none / first / slice: the decode attention's L2 prefetch of its first loop
@@ -119,7 +122,8 @@ def patched_variant(name: str):
     return None
 
 
-VARIANTS = ("llama7b-w4-fused", "llama7b-w4-nopdl", "smol-nopdl", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+VARIANTS = ("llama7b-w4-fused", "llama7b-w4-nopdl", "smol-nopdl", "llama7b-w4-lmhead-int8", "llama7b-w4-lmhead-fp16",
+            "smol-lmhead-int8", "smol-lmhead-fp16", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
 def export(name: str):
@@ -138,6 +142,10 @@ def export(name: str):
         cfg, g = shape()
         with patch(m):
             return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
+    if "-lmhead-" in name:
+        cfg, g = shape()
+        return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096,
+                             lm_head=name.rsplit("-", 1)[1])
     if name.endswith("-nopdl"):
         cfg, g = shape()
         return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096, pdl="off")

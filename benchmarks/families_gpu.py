@@ -26,7 +26,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DIR = REPO / ".gpu" / "families"
-CASES = [("llama", True), ("qwen2", True), ("gemma3", True), ("gemma3", False), ("opt", True)]
+# (family, AWQ W4 or FP16, lm_head): "int8" = export --lm-head int8, against transformers with the same
+# INT8-dequantized head (the tied Llama's embedding reads that table too; Qwen2's stays FP16)
+CASES = [("llama", True, "fp16"), ("qwen2", True, "fp16"), ("gemma3", True, "fp16"), ("gemma3", False, "fp16"),
+         ("opt", True, "fp16"), ("llama", True, "int8"), ("qwen2", False, "int8")]
+
+
+def case_name(family: str, awq: bool, lm_head: str) -> str:
+    return f"{family}-{'awq' if awq else 'fp16'}" + ("-lmhead-int8" if lm_head == "int8" else "")
 PROMPT = [int(t) for t in np.random.default_rng(1).integers(3, 250, 40)]
 STEPS = 8
 
@@ -36,17 +43,21 @@ def cmd_build(args) -> int:
     import torch
 
     from test_export import make_checkpoint  # the CPU tests' tiny checkpoints, same construction
+    from test_export_lm_head import _int8_head_model
     from tvm_kernels.cuda_env import prepare_cuda_build
+    from tvm_kernels.gemv_w8a16 import DEFAULT_GROUP_SIZE
 
     prepare_cuda_build()
     from export.exporter import export_checkpoint
 
     DIR.mkdir(parents=True, exist_ok=True)
-    for family, awq in CASES:
-        name = f"{family}-{'awq' if awq else 'fp16'}"
+    for family, awq, lm_head in CASES:
+        name = case_name(family, awq, lm_head)
         root = DIR / name
         subprocess.run(["rm", "-rf", str(root)], check=True)
         model = make_checkpoint(family, root / "ckpt", awq)
+        if lm_head == "int8":
+            model = _int8_head_model(model, DEFAULT_GROUP_SIZE)
         ids = list(PROMPT)
         with torch.no_grad():  # greedy continuation by transformers, then its logits at every position
             for _ in range(STEPS):
@@ -54,7 +65,7 @@ def cmd_build(args) -> int:
             ref = model(torch.tensor([ids])).logits[0].float().numpy()
         np.savez(root / "ref.npz", ids=np.array(ids, np.int32), logits=ref[len(PROMPT) - 1:])
         t = time.time()
-        export_checkpoint(root / "ckpt", "cuda-sm90", root / "art", context_length=64, prefill_chunk=8)
+        export_checkpoint(root / "ckpt", "cuda-sm90", root / "art", context_length=64, prefill_chunk=8, lm_head=lm_head)
         subprocess.run(["rm", "-rf", str(root / "ckpt")], check=True)
         print(name, f"exported in {time.time() - t:.0f} s", flush=True)
     return 0
@@ -66,8 +77,8 @@ def cmd_device(args) -> int:
     from runtime.engine import Engine
 
     rows = []
-    for family, awq in CASES:
-        name = f"{family}-{'awq' if awq else 'fp16'}"
+    for family, awq, lm_head in CASES:
+        name = case_name(family, awq, lm_head)
         ref = np.load(DIR / name / "ref.npz")
         ids, want = [int(i) for i in ref["ids"]], ref["logits"]
         eng = Engine(DIR / name / "art", device="cuda")

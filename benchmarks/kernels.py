@@ -149,6 +149,12 @@ def cmd_build(args) -> int:
                                  ("smollm2_down", (576, 1536, 64))):
             add(lib, f"res_{lib}_{label}", gemv_w4a16(N, K, G, t, M=1, residual=True), kind="gemv_res",
                 set="fused", label=label, N=N, K=K, G=G, M=1, target=tname)
+        # the INT8 lm_head (export --lm-head int8): 7B, SmolLM2 and an odd shape, decode's M = 1 and chunks of x
+        from tvm_kernels.gemv_w8a16 import gemv_w8a16
+
+        for label, (N, K) in (("llama7b", (32000, 4096)), ("smollm2", (49152, 576)), ("odd", (37, 96))):
+            add(lib, f"w8_{lib}_{label}", gemv_w8a16(N, K, 32, t), kind="gemv_w8", set="fused", label=label,
+                N=N, K=K, G=32, M=1, Ms=[1, 3, 17], target=tname)
         if args.attention_only:
             # prefill attention: ours (both builds) and TVM's stock kernel (sm_90, the baseline it replaces)
             from tvm.relax.frontend.nn.llm.kv_cache import _attention_prefill_ragged

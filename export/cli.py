@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weights in safetensors shards of at most this many GiB each (default 1)")
     p.add_argument("--lm-head", default="fp16", choices=["fp16", "int8"],
                    help="lm_head weights: fp16 (default, as AutoAWQ) or weight-only int8 with fp16 scales per "
-                        "row and 32 columns (CPU targets; a tied embedding table shares it)")
+                        "row and 32 columns (a tied embedding table shares it)")
     p.add_argument("--cuda-graph", default="auto", choices=["auto", "step", "regions", "off"],
                    help="CUDA targets: how decode replays from CUDA graphs: step (= auto) = the runtime captures each "
                         "whole decode step (one launch per token), regions = TVM's graphs of the stretches between "

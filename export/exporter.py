@@ -375,7 +375,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
                       shard_bytes: int = SHARD_BYTES, lm_head: str = "fp16", pdl: str = "auto") -> dict[str, Any]:
     """Export an AWQ GEMM or FP16 Hugging Face checkpoint folder. Returns a summary (times, sizes).
     The weights go to one params.safetensors, or to shards of at most `shard_bytes` of data each.
-    `lm_head` "int8": weight-only INT8 lm_head (CPU targets; export/lm_head.py)."""
+    `lm_head` "int8": weight-only INT8 lm_head (export/lm_head.py)."""
     from export.lm_head import check_lm_head
     from runtime.manifest import Manifest
 
@@ -436,11 +436,12 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
 def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_size: int | None = None,
                   force: bool = False, context_length: int | None = None, prefill_chunk: int | None = None,
                   kernels: str = "tvm_kernels", cuda_graph: str = "auto",
-                  tokenizer_dir: Path | None = None, pdl: str = "auto") -> dict[str, Any]:
+                  tokenizer_dir: Path | None = None, pdl: str = "auto", lm_head: str = "fp16") -> dict[str, Any]:
     """Export from a transformers config dict alone: the library and a manifest whose params have
     `"file": null`, for a benchmark to fill with random weights in the kernel layout (W4 linears:
-    `weight` uint32 [N, K/8], `scales`/`zeros` float16 [N, K/G] (zeros integers 0..15); the rest float16).
-    `group_size` None exports FP16 linears."""
+    `weight` uint32 [N, K/8], `scales`/`zeros` float16 [N, K/G] (zeros integers 0..15); the INT8 table of
+    `lm_head` "int8" int8 with float16 scales; the rest float16). `group_size` None exports FP16 linears."""
+    from export.lm_head import check_lm_head
     from runtime.manifest import Manifest
 
     t0 = time.perf_counter()
@@ -450,6 +451,7 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
         raise UserError(f"group size {group_size}: the kernels support 32, 64 and 128")
     cfg = config_from_hf(hf_config, where, group_size=group_size, context_length=context_length,
                          prefill_chunk_size=prefill_chunk)
+    cfg.lm_head, cfg.lm_head_group_size = lm_head, check_lm_head(lm_head, target, cfg.hidden_size)
     _check_group(cfg, where)
     tok_files, template = tokenizer_files(tokenizer_dir) if tokenizer_dir else ([], None)
     dt = resolve_target(target)
@@ -490,6 +492,8 @@ def synthesize_params(params: list[dict[str, Any]], rng: np.random.Generator) ->
         shape, dtype, name = tuple(p["shape"]), p["dtype"], p["name"]
         if dtype == "uint32":
             arr = rng.integers(0, 2**32, size=shape, dtype=np.uint32)
+        elif dtype == "int8":
+            arr = rng.integers(-127, 128, size=shape, dtype=np.int8)
         elif name.endswith(".zeros"):
             arr = np.full(shape, 8, np.float16)
         elif name.endswith(".scales"):

@@ -166,7 +166,8 @@ class Engine:
             if synthesize:
                 if pool is None:  # one random pool, sliced per tensor: fast for 7B-size models
                     pool = {"float16": (rng.standard_normal(1 << 22) * 0.02).astype(np.float16),
-                            "uint32": rng.integers(0, 2**32, 1 << 22, dtype=np.uint32)}
+                            "uint32": rng.integers(0, 2**32, 1 << 22, dtype=np.uint32),
+                            "int8": rng.integers(-127, 128, 1 << 22, dtype=np.int8)}
                 arrays.append(self._synth(pool, name, shape, dtype, rng))
                 continue
             arrays.append(self.to_device(reader.get(p)))

@@ -1,6 +1,6 @@
 """The INT8 lm_head GEMV (tvm_kernels/gemv_w8a16.py) against its numpy reference: odd shapes, every group
 size, M = 1, 3, 8, 17 (one compiled kernel: M is symbolic); the quantizer's error bound; the aarch64
-build; and the export refusing --lm-head int8 for CUDA targets."""
+build; the CUDA kernel's byte-to-float conversion, and a CUDA export with the INT8 lm_head."""
 import numpy as np
 import pytest
 
@@ -82,22 +82,38 @@ def test_bad_shapes_raise_user_error(args):
         gemv_w8a16(*args, "cpu")
 
 
-def test_cuda_target_refused():
-    with pytest.raises(UserError, match="CPU"):
-        gemv_w8a16(64, 256, 32, "cuda-sm90")
+def test_cuda_byte_to_float_is_exact():
+    """The CUDA kernel's conversion (awq_i8_dot4), emulated for every int8: XOR 0x80, the byte under the exponent
+    bits of 2^23 (0x4B0000bb), minus 2^23 + 128 in float32 gives q exactly."""
+    q = np.arange(-128, 128, dtype=np.int32)
+    u = (q.astype(np.uint32) & 0xFF) ^ 0x80
+    f = (np.uint32(0x4B000000) | u).view(np.float32) - np.float32(8388736.0)
+    assert f.dtype == np.float32 and (f == q).all()
 
 
-def test_export_refuses_int8_lm_head_for_cuda(tmp_path, capsys):
-    """One line naming the flag, nothing written, before anything is built."""
-    from awq_edge.cli import main
+@pytest.mark.cuda_build
+def test_cuda_export_with_int8_lm_head(tmp_path):
+    """`export --lm-head int8` for sm_90: the artifact holds a cubin and says so in its manifest (the kernel's
+    numerics are checked on the GPU: benchmarks/kernels.py build --fused-only, and tiny models against
+    transformers in benchmarks/families_gpu.py)."""
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
 
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, '
-                                      '"num_attention_heads": 2, "num_hidden_layers": 1, '
-                                      '"intermediate_size": 128, "vocab_size": 32}')
-    out = tmp_path / "art"
-    code = main(["export", str(ckpt), "--target", "cuda-sm90", "--out", str(out), "--lm-head", "int8"])
-    err = capsys.readouterr().err.strip()
-    assert code != 0 and "--lm-head int8" in err and len(err.splitlines()) == 1, err
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    from tvm_kernels.cuda_env import check_cubin
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_export import _cli, make_checkpoint
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    make_checkpoint("llama", tmp_path / "ckpt", awq=True)
+    art = tmp_path / "art"
+    proc = _cli("export", tmp_path / "ckpt", "--target", "cuda-sm90", "--out", art, "--context-length", "64",
+                "--lm-head", "int8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_cubin(art / "model.so", "sm_90a")
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["model"]["lm_head"] == "int8" and man["model"]["lm_head_group_size"] == 32
+    assert {p["name"]: p["dtype"] for p in man["params"]}["model.embed_tokens.weight"] == "int8"  # tied: one table
