@@ -1,4 +1,4 @@
-"""The opt-in weight-only INT8 lm_head (`awq-edge export --lm-head int8`, CPU targets).
+"""The opt-in weight-only INT8 lm_head (`awq-edge export --lm-head int8`, CPU and CUDA targets).
 
 Default stays FP16 (the AutoAWQ convention: AWQ quantizes the decoder linears only). With `int8`, the
 lm_head matrix is quantized once at export, symmetric int8 with an fp16 scale per row and per group of

@@ -23,7 +23,8 @@ the exponent bits of 2^23 (0x4B0000bb), one FADD subtracts 2^23 + 128, exactly; 
 full-rate instructions per weight, all in float32 (fp16 products of 127 * x could overflow). At batch 1
 the kernel reads twice the bytes of a W4 GEMV with the same instruction count, so it stays memory-bound.
 The grid's fastest axis is the activation row m, so M > 1 (prefill_logits, evaluation only) re-reads
-each weight tile from L2, not HBM.
+each weight tile from L2, not HBM. H100 (benchmarks/results/lm_head_int8_gpu_ab_h100.json): the 7B's head
+(32000 x 4096) 48.8 us, 2.85 TB/s, against 98.1 us for cuBLAS on the FP16 matrix.
 """
 from __future__ import annotations
 
