@@ -392,7 +392,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
     quant = quant_config(hf, checkpoint)
     cfg = config_from_hf(hf, where, group_size=quant.group_size if quant else None,
                          context_length=context_length, prefill_chunk_size=prefill_chunk)
-    cfg.lm_head, cfg.lm_head_group_size = lm_head, check_lm_head(lm_head, target, cfg.hidden_size)
+    cfg.lm_head, cfg.lm_head_group_size = lm_head, check_lm_head(lm_head, cfg.hidden_size)
     _check_group(cfg, where)
     tok_files, template = tokenizer_files(checkpoint)
     tensors = SafetensorsFolder(checkpoint)
@@ -451,7 +451,7 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
         raise UserError(f"group size {group_size}: the kernels support 32, 64 and 128")
     cfg = config_from_hf(hf_config, where, group_size=group_size, context_length=context_length,
                          prefill_chunk_size=prefill_chunk)
-    cfg.lm_head, cfg.lm_head_group_size = lm_head, check_lm_head(lm_head, target, cfg.hidden_size)
+    cfg.lm_head, cfg.lm_head_group_size = lm_head, check_lm_head(lm_head, cfg.hidden_size)
     _check_group(cfg, where)
     tok_files, template = tokenizer_files(tokenizer_dir) if tokenizer_dir else ([], None)
     dt = resolve_target(target)

@@ -25,7 +25,7 @@ CHOICES = ("fp16", "int8")
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: the kernel arrives scheduled
 
 
-def check_lm_head(lm_head: str, target, hidden_size: int) -> int | None:
+def check_lm_head(lm_head: str, hidden_size: int) -> int | None:
     """The INT8 group size for `lm_head`, None for fp16. Checked before anything is built."""
     from tvm_kernels.gemv_w8a16 import DEFAULT_GROUP_SIZE
 

@@ -170,6 +170,8 @@ def _cuda_kernel(N: int, K: int, G: int):
     OUTER = -(-ITERS // U)
     K_TAIL = OUTER * U * TX != CH
     NB = -(-N // (TY * R))
+    if NB > 65535:  # gridDim.y's limit
+        raise UserError(f"gemv_w8a16: N={N} rows need {NB} blocks of {TY * R} rows, more than CUDA's 65535")
     NG = K // G
     NSHUF = TX.bit_length() - 1
 
