@@ -8,6 +8,8 @@ constant of the export for the duration of its build (an experiment measured and
                       -> cuda_graph_ab_h100.json (x0.97, not kept)
   smol-s32, smol-s64  SmolLM2 W4 g64 with decode attention cut into at most 32 / 64 context slices
                       -> decode_attn_splits_ab_h100.json (64: x0.85-0.91, not kept)
+  llama7b-w4-sN       the 7B with decode attention cut into N context slices (config: 17 = 4 blocks per SM)
+                      -> decode_attn_splits_ab_h100.json
   llama7b-w4-pfA-D   the 7B with its decode GEMVs prefetching A MB of the next GEMV's matrix into L2 after the
   smol-pfA-D          attention and D MB elsewhere (gemv_w4a16.PREFETCH_*_BYTES; 0-0 = no prefetch); SmolLM2 W4 g64
                       the same -> l2_prefetch_ab_h100.json (a -start suffix, the prefetch issued when each block
@@ -108,6 +110,7 @@ PATCHED = {
     r"(llama7b-w4|smol)-mp(\d+)": lambda m: patched(_attn(), "MERGE_PIECES", int(m[2])),
     r"(smol)-bdz(\d+)": lambda m: config_with(bdz=int(m[2])),
     r"(smol)-s(32|64)": lambda m: config_with(splits=lambda hq, hkv, d, t: max(1, min(int(m[2]), -(-4 * t.num_sms // hkv)))),
+    r"(llama7b-w4)-s(\d+)": lambda m: config_with(splits=int(m[2])),
 }
 
 
