@@ -34,6 +34,8 @@ CASES = [("llama", True, "fp16"), ("qwen2", True, "fp16"), ("gemma3", True, "fp1
 
 def case_name(family: str, awq: bool, lm_head: str) -> str:
     return f"{family}-{'awq' if awq else 'fp16'}" + ("-lmhead-int8" if lm_head == "int8" else "")
+
+
 PROMPT = [int(t) for t in np.random.default_rng(1).integers(3, 250, 40)]
 STEPS = 8
 

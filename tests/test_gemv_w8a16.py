@@ -117,3 +117,20 @@ def test_cuda_export_with_int8_lm_head(tmp_path):
     man = json.loads((art / "manifest.json").read_text())
     assert man["model"]["lm_head"] == "int8" and man["model"]["lm_head_group_size"] == 32
     assert {p["name"]: p["dtype"] for p in man["params"]}["model.embed_tokens.weight"] == "int8"  # tied: one table
+
+
+def test_export_int8_lm_head_bad_hidden_size(tmp_path, capsys):
+    """A hidden size the INT8 groups do not divide: one line naming the flag, nothing written, before anything
+    is built."""
+    from awq_edge.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 48, '
+                                      '"num_attention_heads": 2, "num_hidden_layers": 1, '
+                                      '"intermediate_size": 128, "vocab_size": 32}')
+    out = tmp_path / "art"
+    code = main(["export", str(ckpt), "--target", "cpu", "--out", str(out), "--lm-head", "int8"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--lm-head int8" in err and "48" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
