@@ -121,6 +121,12 @@ def l2_prefetch_plan(N: int, K: int, G: int, target, *, after_attention: bool) -
     return L2Prefetch(N=N, K=K, G=G, rows=rows) if rows > 0 else None
 
 
+def fewest_idle(n: int, choices) -> int:
+    """The choice c that leaves the fewest of the ceil(n / c) * c slots idle for n items (chunks over lanes,
+    loop steps over an unroll), the largest among ties."""
+    return min(choices, key=lambda c: (-(-n // c) * c - n, -c))
+
+
 def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
     """Tiling from the shape and the target (SM count), chosen from H100 sweeps (benchmarks/kernels.py):
     half2 math (the fp32 path is instruction-bound at ~1.8 TB/s), two rows per thread at M = 1 and four
@@ -142,7 +148,7 @@ def cuda_config(N: int, K: int, M: int, target: DeviceTarget) -> CudaConfig:
     iters = -(-chunks // (tx * ksplit))
     # the largest unroll whose last step wastes the fewest predicated-off slots (down_proj at ksplit 2:
     # 6 steps -> unroll 2, measured 13.2 us against 15.9 us at unroll 4 on the H100)
-    unroll = min((u for u in (4, 2, 1) if u <= (4 if M == 1 else 2)), key=lambda u: (-(-iters // u) * u - iters, -u))
+    unroll = fewest_idle(iters, [u for u in (4, 2, 1) if u <= (4 if M == 1 else 2)])
     unroll = min(unroll, iters)
     if M == 1 and chunks >= 64 and rows == 2:
         # long rows (K >= 2048) at batch 1, from three H100 sweeps that agree (gemv_sweep_tiles_h100.json,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from tvm_kernels.errors import UserError
+from tvm_kernels.gemv_w4a16 import fewest_idle
 from tvm_kernels.targets import get_target
 
 GROUP_SIZES = (32, 64, 128)
@@ -154,10 +155,9 @@ def cuda_config(K: int) -> tuple[int, int, int]:
     predicated-off chunks (SmolLM2's K = 576 is 36 chunks: 4 lanes), then the largest unroll doing the same
     (SmolLM2 takes 16.6 us on the H100 with 1 or 3 chunks per step alike)."""
     ch = K // 16
-    tx = min((32, 16, 8, 4), key=lambda t: (-(-ch // t) * t - ch, -t))
+    tx = fewest_idle(ch, (32, 16, 8, 4))
     iters = -(-ch // tx)
-    unroll = min((4, 2, 1), key=lambda u: (-(-iters // u) * u - iters, -u))
-    return tx, 4, min(unroll, iters)
+    return tx, 4, min(fewest_idle(iters, (4, 2, 1)), iters)
 
 
 def _cuda_kernel(N: int, K: int, G: int):
