@@ -56,6 +56,11 @@ def ffi(t):
     return tvm_ffi.from_dlpack(t)
 
 
+def weight_copies(N, K, G, n, gen):
+    """n independent random W4 matrices as the kernels take them: (weight u32, scales, zeros) FFI tensors."""
+    return [tuple(ffi(a) for a in (as_u32(w), s, z)) for w, s, z in (rand_kernel_tensors(N, K, G, gen) for _ in range(n))]
+
+
 GRAPH_OK = [True]
 
 

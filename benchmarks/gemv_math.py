@@ -87,9 +87,7 @@ def cmd_device(args) -> int:
         print(name, res["check"][name], flush=True)
     data = {}
     for name, (N, K, G, glu) in SHAPES.items():
-        copies = dk.copies_for(N * K // 2)
-        W = [tuple(dk.ffi(a) for a in (dk.as_u32(w), s, z)) for w, s, z in
-             (dk.rand_kernel_tensors(N, K, G, gen) for _ in range(copies))]
+        W = dk.weight_copies(N, K, G, dk.copies_for(N * K // 2), gen)
         X = dk.ffi(torch.randn(1, K, device="cuda").half())
         Y = dk.ffi(torch.empty(1, N // 2 if glu else N, device="cuda").half())
         data[name] = (W, X, Y)

@@ -56,8 +56,7 @@ def cmd_device(args) -> int:
     m = dk.tvm_ffi.load_module(args.lib)
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
-    W = {k: [tuple(dk.ffi(a) for a in (dk.as_u32(w), s, z)) for w, s, z in
-             (dk.rand_kernel_tensors(N, K, G, gen) for _ in range(COPIES))] for k, (N, K) in SHAPES.items()}
+    W = {k: dk.weight_copies(N, K, G, COPIES, gen) for k, (N, K) in SHAPES.items()}
     X = {k: dk.ffi(torch.randn(1, K, device="cuda").half()) for k, (N, K) in SHAPES.items()}
     Y = {k: dk.ffi(torch.empty(1, N, device="cuda").half()) for k, (N, K) in SHAPES.items()}
 
