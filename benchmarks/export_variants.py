@@ -114,19 +114,30 @@ PATCHED = {
 }
 
 
-def patched_variant(name: str):
-    """(the regex match, its patch) for a PATCHED name, or None."""
+# The 7B / SmolLM2 variants that pass export_config other arguments: name pattern -> those arguments.
+OPTIONS = {
+    r"(llama7b-w4|smol)-nopdl": lambda m: {"pdl": "off"},
+    r"(llama7b-w4|smol)-lmhead-(int8|fp16)": lambda m: {"lm_head": m[2]},
+}
+
+
+def shape_variant(name: str):
+    """(the context manager to build under, extra export_config arguments) for a 7B / SmolLM2 variant of
+    PATCHED or OPTIONS, or None."""
     import re
 
     for pattern, patch in PATCHED.items():
         m = re.fullmatch(pattern, name)
         if m:
-            return m, patch
+            return patch(m), {}
+    for pattern, options in OPTIONS.items():
+        m = re.fullmatch(pattern, name)
+        if m:
+            return contextlib.nullcontext(), options(m)
     return None
 
 
-VARIANTS = ("llama7b-w4-fused", "llama7b-w4-nopdl", "smol-nopdl", "llama7b-w4-lmhead-int8", "llama7b-w4-lmhead-fp16",
-            "smol-lmhead-int8", "smol-lmhead-fp16", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
+VARIANTS = ("llama7b-w4-fused", "gemma3-tiny", "gemma3-1b", "gemma3-1b-regions")
 
 
 def export(name: str):
@@ -135,23 +146,12 @@ def export(name: str):
     from export.exporter import export_config
 
     out = GPU_DIR / name
-
-    def shape():  # the 7B (W4 g128) or SmolLM2 (W4 g64) config of the llama7b-w4-* / smol-* variants
-        return (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
-
-    found = patched_variant(name)
-    if found:
-        m, patch = found
-        cfg, g = shape()
-        with patch(m):
-            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096)
-    if "-lmhead-" in name:
-        cfg, g = shape()
-        return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096,
-                             lm_head=name.rsplit("-", 1)[1])
-    if name.endswith("-nopdl"):
-        cfg, g = shape()
-        return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096, pdl="off")
+    found = shape_variant(name)
+    if found:  # the 7B (W4 g128) or SmolLM2 (W4 g64)
+        patch, options = found
+        cfg, g = (LLAMA2_7B, 128) if name.startswith("llama") else (json.loads((SMOL_FP16 / "config.json").read_text()), 64)
+        with patch:
+            return export_config(cfg, "cuda-sm90", out, group_size=g, force=True, context_length=4096, **options)
     if name == "llama7b-w4-fused":
         with patched(model, "FUSED_NORMS_MAX_HIDDEN", 8192):
             return export_config(LLAMA2_7B, "cuda-sm90", out, group_size=128, force=True, context_length=4096)
@@ -171,10 +171,10 @@ def export(name: str):
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit(__doc__)
-    unknown = [n for n in argv if n not in VARIANTS and not patched_variant(n)]
+    unknown = [n for n in argv if n not in VARIANTS and not shape_variant(n)]
     if unknown:  # before anything is built
         raise SystemExit(f"export_variants.py: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)} "
-                         f"or a name matching {', '.join(PATCHED)}")
+                         f"or a name matching {', '.join([*PATCHED, *OPTIONS])}")
     from tvm_kernels.cuda_env import prepare_cuda_build
 
     prepare_cuda_build()
