@@ -1,6 +1,7 @@
 """Weights-less cuda-sm90 exports for side-by-side experiments (benchmarks/e2e.py device-ab / device-graph),
-each into .gpu/h5/NAME. A variant either exports a model shape that prepare-gpu does not build, or patches one
-constant of the export for the duration of its build (an experiment measured and, where it lost, not kept).
+each into .gpu/h5/NAME. A variant either exports a model shape that prepare-gpu does not build, patches one
+constant of the export for the duration of its build (an experiment measured and, where it lost, not kept),
+or passes export one of its options (--pdl off, --lm-head).
 
   .venv/bin/python benchmarks/export_variants.py NAME [NAME ...]
 
