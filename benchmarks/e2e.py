@@ -360,13 +360,14 @@ def cmd_device_speed(args) -> int:
 
 
 def _engine_ab(name: str):
-    """NAME, NAME:nograph (the artifact under .gpu/h5 without its decode-step graph) or NAME:pages1 (a graph
+    """NAME, NAME:nograph (the artifact under .gpu/h5 without its decode-step graph), NAME:sync (with the graph,
+    but every step synchronized and sampled on the host: no overlapped greedy decode) or NAME:pages1 (a graph
     re-captured at every new KV-cache page instead of every aux-alignment unit of pages)."""
     from runtime.engine import Engine
 
     folder, _, flag = name.partition(":")
     eng = Engine(GPU_DIR / folder, device="cuda", verify=False, synthesize_weights=True,
-                 cuda_graph=False if flag == "nograph" else None)
+                 cuda_graph=False if flag == "nograph" else None, overlap=flag != "sync")
     if flag == "pages1":
         eng.graph.pages_per_key = 1
     return eng
@@ -454,11 +455,79 @@ def cmd_device_graph(args) -> int:
         g.cuda("cudaStreamSynchronize", g.stream)
         row["graph_replay_back_to_back_us"] = (time.perf_counter() - t) / n * 1e6
         print(name, {k: row[k] for k in ("decode_call_us", "graph_replay_back_to_back_us", "graph_counts")}, flush=True)
-        report["runs"].append(row)
         del plain, graph
+        gc.collect()
+        row["overlap"] = _overlap_check(name, args.prompt_tokens, args.steps)
+        ok &= all(t["equal"] for t in row["overlap"])
+        report["runs"].append(row)
         gc.collect()
     (out_dir / "e2e_gpu_graph.json").write_text(json.dumps(report, indent=2))
     return 0 if ok else 1
+
+
+def _argmax_check(eng) -> dict:
+    """The artifact's argmax on the GPU against tvm_kernels.argmax.reference: random rows, ties (the lowest id
+    wins), -0.0 against 0.0, NaNs, all -inf."""
+    from tvm_kernels.argmax import reference
+
+    rng, V = np.random.default_rng(0), eng.vocab
+    rows = [rng.standard_normal(V).astype(np.float32) for _ in range(20)]
+    for r in rows[:10]:
+        r[rng.choice(V, 3, replace=False)] = r.max() + 1  # a three-way tie for the maximum
+    rows[10][:] = -1.0
+    rows[10][[V - 1, 7]] = 0.0
+    rows[10][5] = -0.0
+    rows[11][rng.choice(V, 50, replace=False)] = np.nan
+    rows.append(np.full(V, -np.inf, np.float32))
+    wrong = []
+    for i, r in enumerate(rows):
+        got = int(eng.to_host(eng.fn["argmax"](eng.to_device(r.reshape(1, 1, V))))[0])
+        if got != reference(r):
+            wrong.append({"row": i, "got": got, "expected": reference(r)})
+    row = {"case": "argmax rows", "rows": len(rows), "wrong": wrong, "equal": not wrong}
+    print("argmax", row, flush=True)
+    return row
+
+
+def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
+    """Overlapped greedy decode (argmax on the GPU, each step queued before the last is read) against the same
+    artifact with every step synchronized and sampled on the host: the same tokens, and the KV cache left in
+    the same state (the next turn's prefill logits bit for bit) after a generation that runs to its length, one
+    that an EOS ends (a step gone ahead is rolled back) and one whose consumer stops reading (a stop string)."""
+    from runtime.bench import _random_prompt
+
+    ref, ov = _engine_ab(name + ":sync"), _engine_ab(name)
+    assert ov.overlap and not ref.overlap, f"{name}: the artifact has no argmax function (re-export it)"
+    out = [_argmax_check(ref)]
+
+    def turn(label, run):
+        toks = [run(e) for e in (ref, ov)]
+        extra = _random_prompt(ref, 23, 5 + len(out))
+        nxt = [e.prefill(e.cached + extra) for e in (ref, ov)]  # the cache as each generation left it
+        row = {"case": label, "tokens": len(toks[0]), "tokens_equal": toks[0] == toks[1],
+               "cached_equal": ref.cached == ov.cached, "cached": len(ref.cached),
+               "next_prefill_max_abs_diff": float(np.abs(nxt[0] - nxt[1]).max())}
+        row["equal"] = row["tokens_equal"] and row["cached_equal"] and row["next_prefill_max_abs_diff"] == 0.0
+        out.append(row)
+        print(name, "overlap", row, flush=True)
+        return toks[0]
+
+    prompt = _random_prompt(ref, prompt_tokens, 1)
+    first = turn("length", lambda e: list(e.generate_ids(prompt, steps, stop_token_ids=set())))
+    stop = first[len(first) // 3]  # a token the model does produce: it ends the next generation as an EOS would
+    turn("eos", lambda e: list(e.generate_ids(prompt, steps, stop_token_ids={stop})))
+
+    def closed(e, n=25):
+        gen, got = e.generate_ids(prompt, steps, stop_token_ids=set()), []
+        for t in gen:
+            got.append(t)
+            if len(got) == n:
+                gen.close()  # as stream() does when a stop string appears
+        return got
+
+    turn("consumer-stops", closed)
+    del ref, ov
+    return out
 
 
 def _split_fused(manifest: dict, params: dict[str, np.ndarray]) -> dict[str, "np.ndarray"]:

@@ -235,7 +235,7 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, graph_mode: str
     import tvm
     from tvm import relax
 
-    from export.kernels import attention_kernels, make_linear_op, make_norm_ops
+    from export.kernels import attention_kernels, make_argmax_op, make_linear_op, make_norm_ops
     from export.lm_head import make_lm_head_op
 
     target = device_target.tvm_target()
@@ -243,7 +243,8 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, graph_mode: str
         linear_op = make_linear_op(kernels, device_target) if cfg.group_size is not None else None
         lm_head_ops = make_lm_head_op(device_target) if cfg.lm_head == "int8" else None
         module, spec = build_module(cfg, linear_op, make_norm_ops(device_target),
-                                    lambda rope_mode: attention_kernels(device_target, rope_mode), lm_head_ops)
+                                    lambda rope_mode: attention_kernels(device_target, rope_mode), lm_head_ops,
+                                    make_argmax_op(device_target))
         mod, named = module.export_tvm(spec=spec)
         params = [{"name": n, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for n, p in named]
         config = {"relax.backend.use_cuda_graph": graph_mode == "regions"}

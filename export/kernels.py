@@ -52,6 +52,20 @@ def make_norm_ops(device_target):
     return rms_norm, add_rms_norm_op
 
 
+def make_argmax_op(device_target):
+    """argmax(logits f32 [1, 1, V]) -> int32 [1]: tvm_kernels.argmax, opaque like the other kernels."""
+    from tvm.relax.frontend.nn import Tensor, op
+
+    from tvm_kernels.argmax import argmax
+
+    def argmax_op(logits):
+        V = int(logits.shape[-1])
+        f = argmax(V, device_target).without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
+        return op.tensor_ir_op(f, f"argmax_v{V}", [logits], Tensor.placeholder([1], "int32"))
+
+    return argmax_op
+
+
 @contextmanager
 def attention_kernels(device_target, rope_mode: int):
     """While TVM's paged KV cache is being built, hand it our CUDA attention kernels for fp16 layers:

@@ -262,12 +262,14 @@ FUSED_NORMS_MAX_HIDDEN = 2048
 
 
 def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable],
-                 attention_kernels: Callable | None = None, lm_head_ops: tuple[Callable, Callable] | None = None):
+                 attention_kernels: Callable | None = None, lm_head_ops: tuple[Callable, Callable] | None = None,
+                 argmax_op: Callable | None = None):
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
     (see export.kernels); unused for FP16 models. `norm_ops` = (rms_norm, add_rms_norm), the fused
     kernels of export.kernels.make_norm_ops. `attention_kernels(rope_mode)`: a context manager around the
     KV cache's construction that installs our attention kernels (export.kernels.attention_kernels).
-    `lm_head_ops` = (logits, rows) of export.lm_head.make_lm_head_op, for cfg.lm_head "int8"."""
+    `lm_head_ops` = (logits, rows) of export.lm_head.make_lm_head_op, for cfg.lm_head "int8".
+    `argmax_op(logits) -> int32 [1]` (export.kernels.make_argmax_op) adds the `argmax` function."""
     import contextlib
 
     import numpy as np
@@ -655,6 +657,9 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
         def decode(self, embeds, kv):
             return self._logits(self.model(embeds, kv))
 
+        def argmax(self, logits):
+            return argmax_op(logits)
+
         def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                             support_sliding_window):
             # NORMAL: rotate-half RoPE applied to q and k before k enters the cache (as HF Llama);
@@ -680,7 +685,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
         packed = {"param_mode": "packed", "effect_mode": "none"}
         kv = nn.spec.Object(object_type=PagedKVCache)
         hid = cfg.hidden_size
-        return {
+        functions = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
             "prefill": {"embeds": nn.spec.Tensor([1, "seq_len", hid], "float16"), "kv": kv, "$": packed},
             "prefill_logits": {"embeds": nn.spec.Tensor([1, "seq_len", hid], "float16"), "kv": kv, "$": packed},
@@ -690,6 +695,10 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
                 "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
+        if argmax_op is not None:
+            functions["argmax"] = {"logits": nn.spec.Tensor([1, 1, cfg.vocab_size], "float32"),
+                                   "$": {"param_mode": "none", "effect_mode": "none"}}
+        return functions
 
     return CausalLM(), spec()
 
@@ -716,4 +725,7 @@ FUNCTIONS = {
     "prefill_logits": {"inputs": ["embeds float16[1, n, hidden]", "kv_cache", "params"],
                        "outputs": ["float32[1, n, vocab]"], "doc": "logits of every position (evaluation)"},
     "decode": {"inputs": ["embeds float16[1, 1, hidden]", "kv_cache", "params"], "outputs": ["float32[1, 1, vocab]"]},
+    "argmax": {"inputs": ["logits float32[1, 1, vocab]"], "outputs": ["int32[1]"],
+               "doc": "the greedy token on the device (lowest id among equal maxima): a decode-step graph feeds it "
+                      "to the next step itself (runtime/cuda_graph.py)"},
 }

@@ -34,6 +34,18 @@ What a replay relies on, and how it is arranged:
 - No CUDA graph inside: an artifact built with TVM's regional graphs launches them from inside the step,
   which a capture refuses (CUDA error 900). The exporter says which artifacts qualify: manifest
   `cuda_graph.mode == "decode-step"`.
+
+Overlapped greedy decode (`launch_greedy` / `wait` / `read_token`; artifacts with the `argmax` function): the
+step's graph also picks the greedy token on the GPU and writes it into the token buffer the next step embeds,
+so the host no longer needs step i's token before it queues step i+1: reading it, the stop checks, the
+consumer's work and the KV cache's begin_forward for step i+1 all happen while step i runs. What the host
+cannot move ahead is the page-table copy: the cache issues it on its own copy stream (non-blocking, nothing
+orders it after step i, whose kernels read the same device buffer), so the engine waits for step i to finish
+(`wait`) before it makes the cache copy step i+1's table, then launches at once. The GPU's idle time between
+steps shrinks to that copy and the launch. The tokens come back through two pinned words used in turn.
+A generation that ends (EOS, a stop string, an exception) with a step gone ahead on its last token rolls
+that step back from the cache (runtime/engine.py); the tokens are those of host greedy sampling, since the
+kernel is numpy's argmax (lowest id among ties): e2e.py device-graph checks both, and the cache left behind.
 """
 from __future__ import annotations
 
@@ -49,7 +61,8 @@ from runtime.errors import UserError
 
 MODE = "decode-step"
 CAPTURE_RELAXED = 2  # cudaStreamCaptureModeRelaxed: a first-time pool allocation (cudaMalloc) may happen inside
-H2D, D2H = 1, 2  # cudaMemcpyKind
+H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
+EVENT_DISABLE_TIMING = 2
 MAX_GRAPHS = 4  # instantiated graphs kept per engine (the oldest is updated in place for a new key)
 # page-list entries (int32) per 16-byte alignment unit of the KV cache's merged aux buffer, as TVM 0.27 lays
 # it out (src/runtime/vm/attn_utils.h); the libraries of another TVM version get a re-capture at every page
@@ -116,6 +129,10 @@ class Cuda:
             "cudaGraphDestroy": [vp],
             "cudaGraphExecDestroy": [vp],
             "cudaGetLastError": [],
+            "cudaEventCreateWithFlags": [pvp, ctypes.c_uint],
+            "cudaEventRecord": [vp, vp],
+            "cudaEventSynchronize": [vp],
+            "cudaEventDestroy": [vp],
         }
         for name, args in sig.items():
             fn = getattr(lib, name)
@@ -134,6 +151,11 @@ class Cuda:
         self("cudaStreamCreate", ctypes.byref(s))
         return int(s.value)
 
+    def event(self) -> int:
+        e = ctypes.c_void_p()
+        self("cudaEventCreateWithFlags", ctypes.byref(e), EVENT_DISABLE_TIMING)
+        return int(e.value)
+
     def pinned(self, n: int, dtype: str) -> tuple[np.ndarray, int]:
         """A page-locked host array (a graph may copy to and from it) and its address."""
         ptr = ctypes.c_void_p()
@@ -147,15 +169,20 @@ class StepGraph:
 
     def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step, token_ptr: int, vocab: int,
                  tvm_version: str = "", window: int = 0):
-        """run_step() -> (logits tensor, *tensors to keep alive): the VM calls of one step on the token at
-        device address token_ptr, on the current stream. window: the sliding-window layers' window (0: none)."""
+        """run_step(greedy) -> (logits tensor, *tensors to keep alive), or with greedy (int32 [1] greedy token,
+        *tensors to keep alive): the VM calls of one step on the token at device address token_ptr, on the
+        current stream. window: the sliding-window layers' window (0: none)."""
         self.cuda, self.stream, self.page_size, self.run_step = cuda, stream, page_size, run_step
         self.token_ptr, self.window = token_ptr, window
         self.token_in, self._token_in_ptr = cuda.pinned(1, "int32")
         self.logits_out, self._logits_out_ptr = cuda.pinned(vocab, "float32")
+        self.tokens_out, self._tokens_out_ptr = cuda.pinned(2, "int32")
+        self.done = [cuda.event(), cuda.event()]
+        self._slot = 0
         self.pages_per_key = pages_per_key(tvm_version)
+        # (greedy, *graph_key) -> (instantiated graph, tensors it uses)
         self.graphs: OrderedDict[tuple[int, ...], tuple[ctypes.c_void_p, tuple[Any, ...]]] = OrderedDict()
-        self.warm = False
+        self.warm: set[bool] = set()  # modes (greedy or not) whose first step has run plainly
         self.counts = {"captures": 0, "instantiations": 0, "replays": 0, "capture_ms": 0.0}
 
     def step(self, token: int, tokens_after: int) -> np.ndarray:
@@ -163,39 +190,69 @@ class StepGraph:
         of pinned memory, valid until the next step). The caller has begun the KV cache's forward and
         made the page table current on the device (get_query_positions), with self.stream current."""
         self.token_in[0] = token
-        if not self.warm:  # the first step runs plainly: kernels load and the allocator fills outside a capture
-            self.warm = True
-            kept = self._enqueue()
-            self.cuda("cudaStreamSynchronize", self.stream)
-            del kept  # after the copy of the logits has run
-            return self.logits_out
-        key = graph_key(tokens_after, self.page_size, self.pages_per_key, self.window)
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-        else:
-            self._capture(key)
-        self.cuda("cudaGraphLaunch", self.graphs[key][0], self.stream)
-        self.counts["replays"] += 1
+        self._run(False, tokens_after)
         self.cuda("cudaStreamSynchronize", self.stream)
         return self.logits_out
 
-    def _enqueue(self) -> tuple[Any, ...]:
-        """The step's work on the stream: token in, the VM calls, logits out."""
-        self.cuda("cudaMemcpyAsync", self.token_ptr, self._token_in_ptr, 4, H2D, self.stream)
-        kept = self.run_step()
-        logits = kept[0]
-        if str(logits.dtype) != "float32" or int(np.prod(logits.shape)) != self.logits_out.size:
-            raise UserError(f"decode returned {logits.dtype} {tuple(logits.shape)}, expected float32 logits "
+    def launch_greedy(self, tokens_after: int, token: int | None = None) -> int:
+        """Queue one greedy step without waiting for it; `token`: its input, or None for the token the
+        previous greedy step left in the token buffer. Returns the slot that wait / read_token take. Called
+        like step, once the step queued before it is done (`wait`)."""
+        slot, self._slot = self._slot, self._slot ^ 1
+        if token is not None:
+            self.token_in[0] = token  # the previous generation's steps have all finished: nothing reads it now
+            self.cuda("cudaMemcpyAsync", self.token_ptr, self._token_in_ptr, 4, H2D, self.stream)
+        self._run(True, tokens_after)
+        self.cuda("cudaMemcpyAsync", self._tokens_out_ptr + 4 * slot, self.token_ptr, 4, D2H, self.stream)
+        self.cuda("cudaEventRecord", self.done[slot], self.stream)
+        return slot
+
+    def wait(self, slot: int) -> None:
+        """Until the greedy step in `slot` and the copy of its token are done."""
+        self.cuda("cudaEventSynchronize", self.done[slot])
+
+    def read_token(self, slot: int) -> int:
+        self.wait(slot)
+        return int(self.tokens_out[slot])
+
+    def _run(self, greedy: bool, tokens_after: int) -> None:
+        if greedy not in self.warm:  # a mode's first step runs plainly: kernels load and the allocator fills
+            self.warm.add(greedy)  # outside a capture
+            self._pending = self._enqueue(greedy)  # kept until the next step is queued (the work is stream-ordered)
+            return
+        self._pending = ()
+        key = (int(greedy),) + graph_key(tokens_after, self.page_size, self.pages_per_key, self.window)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            self._capture(key, greedy)
+        self.cuda("cudaGraphLaunch", self.graphs[key][0], self.stream)
+        self.counts["replays"] += 1
+
+    def _enqueue(self, greedy: bool) -> tuple[Any, ...]:
+        """The step's work on the stream: (token in,) the VM calls, then logits out or the greedy token into
+        the token buffer for the next step."""
+        if not greedy:
+            self.cuda("cudaMemcpyAsync", self.token_ptr, self._token_in_ptr, 4, H2D, self.stream)
+        kept = self.run_step(greedy)
+        out = kept[0]
+        if greedy:
+            if str(out.dtype) != "int32" or int(np.prod(out.shape)) != 1:
+                raise UserError(f"argmax returned {out.dtype} {tuple(out.shape)}, expected one int32")
+            self.cuda("cudaMemcpyAsync", self.token_ptr, out.data_ptr(), 4, D2D, self.stream)
+            return kept
+        if str(out.dtype) != "float32" or int(np.prod(out.shape)) != self.logits_out.size:
+            raise UserError(f"decode returned {out.dtype} {tuple(out.shape)}, expected float32 logits "
                             f"of {self.logits_out.size}")
-        self.cuda("cudaMemcpyAsync", self._logits_out_ptr, logits.data_ptr(), self.logits_out.nbytes, D2H, self.stream)
+        self.cuda("cudaMemcpyAsync", self._logits_out_ptr, out.data_ptr(), self.logits_out.nbytes, D2H, self.stream)
         return kept
 
-    def _capture(self, key: tuple[int, ...]) -> None:
+    def _capture(self, key: tuple[int, ...], greedy: bool) -> None:
         t = time.perf_counter()
         graph = ctypes.c_void_p()
         self.cuda("cudaStreamBeginCapture", self.stream, CAPTURE_RELAXED)
         try:
-            kept = self._enqueue()
+            kept = self._enqueue(greedy)
         except BaseException:  # KeyboardInterrupt included: a capture left open would break the stream
             self.cuda.lib.cudaStreamEndCapture(self.stream, ctypes.byref(graph))
             self.cuda.lib.cudaGetLastError()
@@ -226,10 +283,13 @@ class StepGraph:
         while self.graphs:
             _, (exec_, _) = self.graphs.popitem()
             self.cuda.lib.cudaGraphExecDestroy(exec_)
-        for attr in ("_token_in_ptr", "_logits_out_ptr"):
+        for attr in ("_token_in_ptr", "_logits_out_ptr", "_tokens_out_ptr"):
             if getattr(self, attr, 0):
                 self.cuda.lib.cudaFreeHost(ctypes.c_void_p(getattr(self, attr)))
                 setattr(self, attr, 0)
+        for event in getattr(self, "done", []):
+            self.cuda.lib.cudaEventDestroy(ctypes.c_void_p(event))
+        self.done = []
 
     def __del__(self):
         try:

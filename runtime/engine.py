@@ -51,7 +51,8 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, artifact: str | Path, device: str = "auto", verify: bool = True,
-                 synthesize_weights: bool = False, seed: int = 0, cuda_graph: bool | None = None):
+                 synthesize_weights: bool = False, seed: int = 0, cuda_graph: bool | None = None,
+                 overlap: bool = True):
         """Load `artifact` onto `device` ("auto" = the artifact's target device, "cpu" or "cuda").
 
         verify: check every file's sha256 against the manifest first.
@@ -59,6 +60,9 @@ class Engine:
         parameter with random values of its manifest shape and dtype instead of reading params.
         cuda_graph: replay each decode step from one CUDA graph (runtime/cuda_graph.py); None = where the
         artifact allows it (manifest cuda_graph.mode "decode-step"), True = required, False = never.
+        overlap: with a step graph and an artifact that has `argmax`, greedy decoding (no repetition penalty)
+        picks tokens on the GPU and queues each step before the previous one is read (runtime/cuda_graph.py);
+        False synchronizes every step and samples on the host, as every other decoding does.
         """
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder, verify=verify)
@@ -101,7 +105,8 @@ class Engine:
             dev_type = tvm_loader.DEVICE_TYPES[self.device_name]
             # device, then the host (CPU); allocator 2 = pooled, so steady-state steps reuse buffers
             self.vm["vm_initialization"](dev_type, 0, 2, tvm_loader.DEVICE_TYPES["cpu"], 0, 2)
-            self.fn = {name: self.vm[name] for name in m.functions if name in REQUIRED_FUNCTIONS + ("prefill_logits",)}
+            self.fn = {name: self.vm[name] for name in m.functions
+                       if name in REQUIRED_FUNCTIONS + ("prefill_logits", "argmax")}
         except Exception as e:
             raise UserError(f"{lib_path}: not a Relax VM library with the artifact's functions ({e})") from None
 
@@ -125,6 +130,7 @@ class Engine:
             self.graph = StepGraph(self._cuda, self.cuda_stream, page_size, self._decode_calls,
                                    self._token_buf.data_ptr(), self.vocab, m.tvm_version,
                                    window=int(kv.get("layer_sliding_window", 0) or 0))
+        self.overlap = bool(overlap) and self.graph is not None and "argmax" in self.fn
         self._logits_host = np.empty((self.vocab,), dtype=np.float32)
         self._tokenizer: Tokenizer | None = None
 
@@ -239,16 +245,58 @@ class Engine:
             out = self.fn[fn](self._embed(ids, self._token_buf if len(ids) == 1 else None), self.kv, self.params)
         return out
 
-    def _decode_calls(self):
-        """One decode step's VM calls on the token in _token_buf: what a step graph captures."""
+    def _decode_calls(self, greedy: bool = False):
+        """One decode step's VM calls on the token in _token_buf: what a step graph captures; with `greedy`
+        the greedy token (int32 [1]) first."""
         x = self._embed_tensor(self._token_buf, 1)
-        return self.fn["decode"](x, self.kv, self.params), x
+        logits = self.fn["decode"](x, self.kv, self.params)
+        return (self.fn["argmax"](logits), logits, x) if greedy else (logits, x)
 
     def _graph_step(self, token: int) -> np.ndarray:
         with self._forward_of([token]):
             self._qpos(self.kv)  # the page table goes to the device now, outside the graph
             logits = self.graph.step(int(token), len(self.cached) + 1).copy()
         return logits
+
+    def _launch_greedy(self, token: int | None, after: int | None = None) -> int:
+        """Queue a greedy step on `token` (None: the one the step in slot `after` leaves on the device, which
+        `cached` holds as -1 until it is read). Returns the step's slot (StepGraph.read_token)."""
+        self._check_room(1)
+        with self._forward_of([-1 if token is None else token]):
+            if after is not None:  # the cache's page-table copy must not overwrite the table that step still reads
+                self.graph.wait(after)
+            self._qpos(self.kv)
+            return self.graph.launch_greedy(len(self.cached) + 1, token)
+
+    def _decode_overlapped(self, token: int, n: int, stop_token_ids: set[int], stats: dict, t1: float) -> Iterator[int]:
+        """Up to n greedy tokens after `token`, each step queued before the previous one's token is read
+        (runtime/cuda_graph.py). The cache ends as the synchronized path leaves it: a step that went ahead on
+        the token that ended generation is popped again."""
+        queued = [self._launch_greedy(token)]  # slots of steps whose token is not read yet
+        produced = 0
+        try:
+            while queued:
+                if produced + 1 < n and len(self.cached) < self.context_length:
+                    queued.append(self._launch_greedy(None, after=queued[-1]))
+                token = self.graph.read_token(queued.pop(0))
+                if queued:
+                    self.cached[-1] = token  # the input of the step queued after it
+                produced += 1
+                stats["decode_steps"] += 1
+                stats["decode_s"] = time.perf_counter() - t1
+                yield token
+                if token in stop_token_ids:
+                    stats["finish_reason"] = "eos"
+                    return
+            if produced < n:
+                stats["finish_reason"] = "context"
+        finally:
+            if queued:  # generation ended (EOS, a stop string, the consumer closed us) with a step gone ahead
+                self.sync()
+                back = min(len(queued), len(self.cached))  # a failed launch has reset the sequence already
+                if back:
+                    self._kv_popn(self.kv, SEQ_ID, back)
+                    del self.cached[-back:]
 
     def _check_fits(self, n_total: int):
         if n_total > self.context_length:
@@ -343,6 +391,9 @@ class Engine:
             if len(self.cached) >= self.context_length:
                 stats["finish_reason"] = "context"
                 break
+            if self.overlap and sampler.params.greedy and sampler.params.repetition_penalty == 1.0:
+                yield from self._decode_overlapped(token, max_new_tokens - i - 1, stop_token_ids, stats, t1)
+                return
             logits = self.decode(token)
             stats["decode_steps"] += 1
             stats["decode_s"] = time.perf_counter() - t1

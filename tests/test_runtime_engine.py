@@ -349,3 +349,74 @@ def test_a_failed_forward_forgets_the_sequence(engine):
         engine.fn["decode"] = decode
     assert engine.cached == []
     assert engine.generate(PROMPT, max_new_tokens=6).token_ids == expected
+
+
+class _HostStepGraph:
+    """StepGraph's overlapped-greedy interface run at once on the CPU: each queued step's VM calls (decode, then
+    the artifact's argmax into the token buffer) run when it is launched. The engine's side of overlapped decode
+    (one step ahead, the token filled in later, the rollback of a step gone ahead) is then checked without a GPU;
+    the GPU's stream and event ordering is checked on the device (benchmarks/e2e.py device-graph)."""
+
+    def __init__(self, eng):
+        self.eng, self.tokens, self.slot = eng, {}, 0
+
+    def wait(self, slot):
+        assert slot in self.tokens
+
+    def launch_greedy(self, tokens_after, token=None):
+        e = self.eng
+        assert tokens_after == len(e.cached) + 1  # the sequence once this step is done (`cached` grows after)
+        if token is not None:
+            e.to_device(np.array([token], np.int32), e._token_buf)
+        tok = e.to_host(e._decode_calls(greedy=True)[0])
+        e.to_device(tok, e._token_buf)  # what the graph's device-to-device copy does
+        slot, self.slot = self.slot, self.slot ^ 1
+        self.tokens[slot] = int(tok[0])
+        return slot
+
+    def read_token(self, slot):
+        return self.tokens[slot]
+
+
+@pytest.fixture(scope="module")
+def overlapped(tiny):
+    from runtime.engine import Engine
+
+    eng = Engine(tiny[1])
+    assert "argmax" in eng.fn and not eng.overlap  # CPU: no step graph, so no overlap of its own
+    eng.graph, eng.overlap = _HostStepGraph(eng), True
+    return eng
+
+
+def test_overlapped_greedy_equals_host_greedy(engine, overlapped):
+    prompt = engine.prompt_ids(PROMPT)
+    first = engine.generate(PROMPT, max_new_tokens=20).token_ids
+    stop = first[7]
+    cases = [  # (stop ids, max tokens, consumer stops after): runs to its length, an EOS ends it, a stop string
+        (set(), 20, None), ({stop}, 20, None), (set(), 20, 5),
+    ]
+    for stop_ids, n, close_after in cases:
+        got = []
+        for eng in (engine, overlapped):
+            gen, toks, stats = eng.generate_ids(prompt, n, stop_token_ids=stop_ids, stats={}), [], None
+            for t in gen:
+                toks.append(t)
+                if close_after and len(toks) == close_after:
+                    gen.close()
+            got.append((toks, list(eng.cached)))
+        assert got[0] == got[1], (stop_ids, n, close_after)
+        # the cache holds what `cached` says: the next turn's logits agree with the reference engine's
+        extra = engine.prompt_ids(" and the capital of Italy is")
+        ref, ov = engine.prefill(engine.cached + extra), overlapped.prefill(overlapped.cached + extra)
+        np.testing.assert_array_equal(ref, ov)
+    assert first.index(stop) <= 7 and got[0][0] == first[:5]
+
+
+def test_overlapped_greedy_stops_at_the_context(engine, overlapped):
+    ids = (engine.prompt_ids(PROMPT) * 60)[:CONTEXT - 6]
+    res = []
+    for eng in (engine, overlapped):
+        stats = {}
+        res.append((list(eng.generate_ids(ids, 20, stop_token_ids=set(), stats=stats)), stats["finish_reason"],
+                    len(eng.cached)))
+    assert res[0] == res[1] and res[0][1] == "context" and res[0][2] == CONTEXT
