@@ -97,6 +97,8 @@ def run_bench(engine: Engine, prompt_lengths=(128, 512, 2048), gen_tokens: int =
         "device": engine.device_name,
         "cuda_graph": engine.manifest.cuda_graph,
         "decode_step_graph": dict(engine.graph.counts) if engine.graph is not None else None,
+        # greedy steps overlapped (runtime/cuda_graph.py): compare tokens/s only between runs that agree here
+        "overlapped_greedy": engine.overlap,
         "results": rows,
         "skipped": skipped,
         "weight_bytes_per_token": weight_bytes_per_token(engine),

@@ -110,6 +110,9 @@ class _FakeLib:
     def cudaFreeHost(self, ptr):
         return 0
 
+    def cudaEventDestroy(self, event):
+        return 0
+
 
 class _FakeCuda:
     """Records the CUDA calls; memcpys move numpy bytes, so the data path is checked too. While capturing,
@@ -123,7 +126,11 @@ class _FakeCuda:
         import numpy as np
 
         a = np.zeros(n, dtype=dtype)
+        self.keep = getattr(self, "keep", []) + [a]
         return a, a.ctypes.data
+
+    def event(self):
+        return 7
 
     @staticmethod
     def _copy(dst, src, nbytes):
@@ -164,7 +171,8 @@ def test_step_graph_captures_once_per_aux_layout_and_moves_token_and_logits():
     token_dev = np.zeros(1, dtype=np.int32)
     calls = []
 
-    def run_step():  # "the VM": logits that depend on how often it ran
+    def run_step(greedy):  # "the VM": logits that depend on how often it ran
+        assert not greedy
         calls.append(int(token_dev[0]))
         return (_FakeTensor(np.arange(vocab, dtype=np.float32) + 100 * len(calls)),)
 
@@ -175,7 +183,7 @@ def test_step_graph_captures_once_per_aux_layout_and_moves_token_and_logits():
     for i, tokens_after in enumerate(range(21, 21 + 128)):
         out = g.step(1000 + i, tokens_after)
     # 21..148 tokens: pages 2..10 -> keys 1, 2, 3: three captures, three graphs, the VM run only for those
-    assert list(g.graphs) == [(1,), (2,), (3,)] and g.counts["captures"] == 3 == g.counts["instantiations"]
+    assert list(g.graphs) == [(0, 1), (0, 2), (0, 3)] and g.counts["captures"] == 3 == g.counts["instantiations"]
     assert g.counts["replays"] == 128 and len(calls) == 1 + 3
     assert int(token_dev[0]) == 1000 + 127  # the replayed graph copied the last token in
     assert out is g.logits_out and out[0] == 400  # ... and the last capture's logits out
@@ -185,7 +193,7 @@ def test_step_graph_captures_once_per_aux_layout_and_moves_token_and_logits():
     # more keys than MAX_GRAPHS: the least recently used graph is updated in place, or re-instantiated
     for tokens_after in range(149, 149 + 64 * 2):
         g.step(9, tokens_after)
-    assert len(g.graphs) == MAX_GRAPHS and (1,) in g.graphs and (2,) not in g.graphs
+    assert len(g.graphs) == MAX_GRAPHS and (0, 1) in g.graphs and (0, 2) not in g.graphs
     assert cuda.log.count("update") == 1 and g.counts["instantiations"] == 4
     cuda.lib.update_fails = True  # a changed topology: the evicted graph is destroyed, a new one instantiated
     g.step(11, 64 * 6 + 1)
@@ -214,8 +222,43 @@ def test_step_graph_capture_errors_end_the_capture_and_keep_no_graph():
     cuda = _FakeCuda()
     token_dev = np.zeros(1, dtype=np.int32)
     outputs = iter([np.zeros(4, np.float32), np.zeros(4, np.float16)])
-    g = StepGraph(cuda, 1, 16, lambda: (_FakeTensor(next(outputs)),), token_dev.ctypes.data, 4)
+    g = StepGraph(cuda, 1, 16, lambda greedy: (_FakeTensor(next(outputs)),), token_dev.ctypes.data, 4)
     g.step(1, 2)
     with pytest.raises(RuntimeUserError, match="decode returned float16 .4,., expected float32 logits of 4"):
         g.step(2, 3)  # the capture sees the wrong logits: ended, nothing instantiated, no key
     assert "end_capture_after_error" in cuda.log and not g.graphs and not cuda.execs
+
+
+def test_greedy_steps_feed_each_other_and_return_their_tokens_in_turn():
+    import numpy as np
+
+    from runtime.cuda_graph import StepGraph
+
+    cuda = _FakeCuda()
+    token_dev = np.zeros(1, dtype=np.int32)
+    picked = np.zeros(1, dtype=np.int32)  # "argmax's output": the step's input + 1, written when the VM runs
+    runs = []
+
+    def run_step(greedy):
+        assert greedy
+        runs.append(int(token_dev[0]))
+        picked[0] = token_dev[0] + 1
+        return (_FakeTensor(picked), _FakeTensor(np.zeros(4, np.float32)))
+
+    g = StepGraph(cuda, 1, 16, run_step, token_dev.ctypes.data, 4, tvm_version="0.27.0.post1")
+    a = g.launch_greedy(20, token=5)  # warm-up: runs plainly
+    assert runs == [5] and int(token_dev[0]) == 6 and g.read_token(a) == 6
+    b = g.launch_greedy(21)  # captured: the VM runs once more (on the token step a left), then the graph's copies
+    assert runs == [5, 6] and int(token_dev[0]) == 7 and g.read_token(b) == 7 and b != a
+    # the fake replays a graph's copies only (what its kernels wrote stays as the capture left it): the
+    # greedy token goes to the device buffer the next step embeds and to the other pinned slot
+    picked[0] = 9
+    c = g.launch_greedy(22)
+    assert c == a and runs == [5, 6] and int(token_dev[0]) == 9 and g.read_token(c) == 9 and g.read_token(b) == 7
+    # the graph does not copy a token in: a step reads what the step before left on the device
+    (key,) = g.graphs
+    assert key == (1, 1) and all(op[1] != g._token_in_ptr for op in cuda.execs[g.graphs[key][0].value])
+    # a new generation's first token comes from the host, copied before the graph runs
+    cuda.log.clear()
+    g.launch_greedy(23, token=40)
+    assert g.token_in[0] == 40 and cuda.log.index("cudaMemcpyAsync") < cuda.log.index("cudaGraphLaunch")
