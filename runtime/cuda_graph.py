@@ -183,6 +183,7 @@ class StepGraph:
         # (greedy, *graph_key) -> (instantiated graph, tensors it uses)
         self.graphs: OrderedDict[tuple[int, ...], tuple[ctypes.c_void_p, tuple[Any, ...]]] = OrderedDict()
         self.warm: set[bool] = set()  # modes (greedy or not) whose first step has run plainly
+        self._pending: tuple[Any, ...] = ()  # a plain step's tensors, kept until the next step is queued
         self.counts = {"captures": 0, "instantiations": 0, "replays": 0, "capture_ms": 0.0}
 
     def step(self, token: int, tokens_after: int) -> np.ndarray:
@@ -218,7 +219,7 @@ class StepGraph:
     def _run(self, greedy: bool, tokens_after: int) -> None:
         if greedy not in self.warm:  # a mode's first step runs plainly: kernels load and the allocator fills
             self.warm.add(greedy)  # outside a capture
-            self._pending = self._enqueue(greedy)  # kept until the next step is queued (the work is stream-ordered)
+            self._pending = self._enqueue(greedy)
             return
         self._pending = ()
         key = (int(greedy),) + graph_key(tokens_after, self.page_size, self.pages_per_key, self.window)
