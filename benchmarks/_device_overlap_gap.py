@@ -39,13 +39,13 @@ for name in sys.argv[2:]:
         return w
 
     eng._kv_begin, eng._qpos, eng._kv_end = tm("begin", kb), tm("qpos", qp), tm("end", ke)
-    gw, gl = g.wait_attention, g.launch_greedy
-    g.wait_attention, g.launch_greedy = tm("wait", gw), tm("launch", gl)
+    gw, gl = g.wait, g.launch_greedy
+    g.wait, g.launch_greedy = tm("wait", gw), tm("launch", gl)
     st = {}
     list(eng.generate_ids(prompt, 256, stop_token_ids=set(), stats=st))
     per_tok = st["decode_s"] / (st["decode_steps"])
     eng._kv_begin, eng._qpos, eng._kv_end = kb, qp, ke
-    g.wait_attention, g.launch_greedy = gw, gl
+    g.wait, g.launch_greedy = gw, gl
     # the step's last graph (greedy, or with the logits copy for NAME:sync) replayed back to back: GPU time of a
     # step with no host in between
     key = next(k for k in reversed(g.graphs) if k[0] == int(eng.overlap))
@@ -56,20 +56,8 @@ for name in sys.argv[2:]:
         g.cuda("cudaGraphLaunch", ex, g.stream)
     g.cuda("cudaStreamSynchronize", g.stream)
     replay = (time.perf_counter() - t) / 300
-    # when the graph's AttentionDone event fires, against the end of the step (one launch at a time)
-    marks = []
-    event = g.graphs[key][2]
-    for _ in range(50 if event else 0):
-        t = time.perf_counter()
-        g.cuda("cudaGraphLaunch", ex, g.stream)
-        g.cuda("cudaEventSynchronize", event)
-        t_mark = time.perf_counter()
-        g.cuda("cudaStreamSynchronize", g.stream)
-        marks.append((t_mark - t, time.perf_counter() - t))
     r = {"overlap": eng.overlap, "graph_keys": [list(k) for k in g.graphs],
          "per_token_us": per_tok * 1e6, "step_graph_back_to_back_us": replay * 1e6,
-         "attention_done_after_launch_us": float(np.median([m[0] for m in marks]) * 1e6) if marks else None,
-         "step_done_after_launch_us": float(np.median([m[1] for m in marks]) * 1e6) if marks else None,
          **{k + "_us": float(np.median(v) * 1e6) for k, v in T.items() if v}}
     print(name, json.dumps(r), flush=True)
     res[name] = r

@@ -359,17 +359,9 @@ def cmd_device_speed(args) -> int:
     return 0
 
 
-class _NoAttentionMarks:
-    """For NAME:nomark: greedy graphs without the AttentionDone node (the host waits for each whole step)."""
-
-    def add(self, graph, event):
-        return False
-
-
 def _engine_ab(name: str):
     """NAME, NAME:nograph (the artifact under .gpu/h5 without its decode-step graph), NAME:sync (with the graph,
-    but every step synchronized and sampled on the host: no overlapped greedy decode), NAME:nomark (overlapped,
-    but the host waits for each whole step before the next page-table copy) or NAME:pages1 (a graph
+    but every step synchronized and sampled on the host: no overlapped greedy decode) or NAME:pages1 (a graph
     re-captured at every new KV-cache page instead of every aux-alignment unit of pages)."""
     from runtime.engine import Engine
 
@@ -378,8 +370,6 @@ def _engine_ab(name: str):
                  cuda_graph=False if flag == "nograph" else None, overlap=flag != "sync")
     if flag == "pages1":
         eng.graph.pages_per_key = 1
-    if flag == "nomark":
-        eng.graph._attention = _NoAttentionMarks()
     return eng
 
 
@@ -514,8 +504,7 @@ def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
         toks = [run(e) for e in (ref, ov)]
         extra = _random_prompt(ref, 23, 5 + len(out))
         nxt = [e.prefill(e.cached + extra) for e in (ref, ov)]  # the cache as each generation left it
-        row = {"case": label, "attention_marks": ov.graph.counts["attention_marks"],
-               "tokens": len(toks[0]), "tokens_equal": toks[0] == toks[1],
+        row = {"case": label, "tokens": len(toks[0]), "tokens_equal": toks[0] == toks[1],
                "cached_equal": ref.cached == ov.cached, "cached": len(ref.cached),
                "next_prefill_max_abs_diff": float(np.abs(nxt[0] - nxt[1]).max())}
         row["equal"] = row["tokens_equal"] and row["cached_equal"] and row["next_prefill_max_abs_diff"] == 0.0

@@ -42,11 +42,7 @@ consumer's work and the KV cache's begin_forward for step i+1 all happen while s
 cannot move ahead is the page-table copy: the cache issues it on its own copy stream (non-blocking, nothing
 orders it after step i, whose kernels read the same device buffer), so the engine waits for step i to finish
 (`wait`) before it makes the cache copy step i+1's table, then launches at once. The GPU's idle time between
-steps shrinks to that copy and the launch. Nothing after the last layer's attention reads the table, though
-(the o_proj, MLP, norm, lm_head and argmax that follow take ~40 us on SmolLM2, ~130 us on the 7B): each
-greedy graph gets an event record node after its last KV-cache attention kernel (`AttentionDone`, added to
-the captured graph through the driver API), and the host waits for that event instead of the whole step, so
-the copy and the launch overlap the step's tail. The tokens come back through two pinned words used in turn.
+steps shrinks to that copy and the launch. The tokens come back through two pinned words used in turn.
 A generation that ends (EOS, a stop string, an exception) with a step gone ahead on its last token rolls
 that step back from the cache (runtime/engine.py); the tokens are those of host greedy sampling, since the
 kernel is numpy's argmax (lowest id among ties): e2e.py device-graph checks both, and the cache left behind.
@@ -168,106 +164,27 @@ class Cuda:
         return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr.value), dtype=dtype), int(ptr.value)
 
 
-class AttentionDone:
-    """Adds an event record node to a captured step graph after its last kernel of the KV cache's attention
-    (the last kernel that reads the page table), through libcuda: the graph's edges in order, kernel names by
-    cuFuncGetName. Kernels are matched by name (ATTENTION_KERNELS); a graph without one gets no node and the
-    host waits for the whole step instead."""
-
-    ATTENTION_KERNELS = ("attention", "paged_kv", "kv_cache", "rotary", "rope")
-    KERNEL_NODE, EVENT_RECORD_EXTERNAL = 0, 1
-
-    def __init__(self):
-        lib = ctypes.CDLL("libcuda.so.1")
-        vp, pvp, psz = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)
-        sig = {
-            "cuGraphGetNodes": [vp, pvp, psz],
-            "cuGraphGetEdges_v2": [vp, pvp, pvp, vp, psz],
-            "cuGraphNodeGetType": [vp, ctypes.POINTER(ctypes.c_int)],
-            "cuGraphKernelNodeGetParams_v2": [vp, vp],
-            "cuFuncGetName": [ctypes.POINTER(ctypes.c_char_p), vp],
-            "cuGraphAddEventRecordNode": [pvp, vp, pvp, ctypes.c_size_t, vp],
-        }
-        for name, args in sig.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, ctypes.c_int
-        self.lib = lib
-
-    def _ok(self, name: str, *args) -> None:
-        err = getattr(self.lib, name)(*args)
-        if err:
-            raise UserError(f"CUDA graph: {name} failed (CUresult {err}); run with --cuda-graph off")
-
-    def last_attention_node(self, graph: ctypes.c_void_p) -> int | None:
-        """The last node, in the graph's order, that runs a KV-cache attention kernel (None: no such kernel,
-        or the graph is not one chain as a single stream's capture is)."""
-        n = ctypes.c_size_t(0)
-        self._ok("cuGraphGetNodes", graph, None, ctypes.byref(n))
-        nodes = (ctypes.c_void_p * n.value)()
-        self._ok("cuGraphGetNodes", graph, nodes, ctypes.byref(n))
-        e = ctypes.c_size_t(0)
-        self._ok("cuGraphGetEdges_v2", graph, None, None, None, ctypes.byref(e))
-        src, dst = (ctypes.c_void_p * e.value)(), (ctypes.c_void_p * e.value)()
-        data = ctypes.create_string_buffer(8 * max(e.value, 1))  # CUgraphEdgeData: 8 bytes each
-        self._ok("cuGraphGetEdges_v2", graph, src, dst, data, ctypes.byref(e))
-        nxt = {}
-        for a, b in zip(src, dst):
-            if a in nxt:  # a fork: not the chain a single-stream capture makes
-                return None
-            nxt[a] = b
-        starts = set(nodes) - set(dst)
-        if len(starts) != 1:
-            return None
-        node, last = starts.pop(), None
-        params = ctypes.create_string_buffer(128)  # CUDA_KERNEL_NODE_PARAMS_v2 starts with the CUfunction
-        kind, name = ctypes.c_int(), ctypes.c_char_p()
-        for _ in range(n.value):
-            self._ok("cuGraphNodeGetType", node, ctypes.byref(kind))
-            if kind.value == self.KERNEL_NODE:
-                self._ok("cuGraphKernelNodeGetParams_v2", node, params)
-                func = ctypes.c_void_p.from_buffer(params).value
-                if func and self.lib.cuFuncGetName(ctypes.byref(name), ctypes.c_void_p(func)) == 0 and name.value:
-                    if any(k in name.value.decode() for k in self.ATTENTION_KERNELS):
-                        last = node
-            if node not in nxt:
-                break
-            node = nxt[node]
-        return last
-
-    def add(self, graph: ctypes.c_void_p, event: int) -> bool:
-        """Record `event` after the graph's last attention kernel; False where there is none."""
-        node = self.last_attention_node(graph)
-        if node is None:
-            return False
-        dep, new = (ctypes.c_void_p * 1)(node), ctypes.c_void_p()
-        self._ok("cuGraphAddEventRecordNode", ctypes.byref(new), graph, dep, 1, ctypes.c_void_p(event))
-        return True
-
-
 class StepGraph:
     """Instantiated graphs of `token -> embed -> decode -> logits`, one per aux-buffer layout (graph_key)."""
 
     def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step, token_ptr: int, vocab: int,
-                 tvm_version: str = "", window: int = 0, attention: AttentionDone | None = None):
+                 tvm_version: str = "", window: int = 0):
         """run_step(greedy) -> (logits tensor, *tensors to keep alive), or with greedy (int32 [1] greedy token,
         *tensors to keep alive): the VM calls of one step on the token at device address token_ptr, on the
-        current stream. window: the sliding-window layers' window (0: none). attention: what marks a greedy
-        graph's last attention kernel (default: an AttentionDone on libcuda, made at the first greedy capture)."""
+        current stream. window: the sliding-window layers' window (0: none)."""
         self.cuda, self.stream, self.page_size, self.run_step = cuda, stream, page_size, run_step
         self.token_ptr, self.window = token_ptr, window
         self.token_in, self._token_in_ptr = cuda.pinned(1, "int32")
         self.logits_out, self._logits_out_ptr = cuda.pinned(vocab, "float32")
         self.tokens_out, self._tokens_out_ptr = cuda.pinned(2, "int32")
         self.done = [cuda.event(), cuda.event()]
-        self.attention_done: list[int | None] = [None, None]  # per slot: its graph's AttentionDone event
-        self._attention = attention
         self._slot = 0
         self.pages_per_key = pages_per_key(tvm_version)
-        # (greedy, *graph_key) -> (instantiated graph, tensors it uses, AttentionDone event or None)
-        self.graphs: OrderedDict[tuple[int, ...], tuple[ctypes.c_void_p, tuple[Any, ...], int | None]] = OrderedDict()
+        # (greedy, *graph_key) -> (instantiated graph, tensors it uses)
+        self.graphs: OrderedDict[tuple[int, ...], tuple[ctypes.c_void_p, tuple[Any, ...]]] = OrderedDict()
         self.warm: set[bool] = set()  # modes (greedy or not) whose first step has run plainly
         self._pending: tuple[Any, ...] = ()  # a plain step's tensors, kept until the next step is queued
-        self.counts = {"captures": 0, "instantiations": 0, "replays": 0, "capture_ms": 0.0, "attention_marks": 0}
+        self.counts = {"captures": 0, "instantiations": 0, "replays": 0, "capture_ms": 0.0}
 
     def step(self, token: int, tokens_after: int) -> np.ndarray:
         """One decode step whose sequence holds `tokens_after` tokens once it is done -> the logits (a view
@@ -286,7 +203,7 @@ class StepGraph:
         if token is not None:
             self.token_in[0] = token  # the previous generation's steps have all finished: nothing reads it now
             self.cuda("cudaMemcpyAsync", self.token_ptr, self._token_in_ptr, 4, H2D, self.stream)
-        self.attention_done[slot] = self._run(True, tokens_after)
+        self._run(True, tokens_after)
         self.cuda("cudaMemcpyAsync", self._tokens_out_ptr + 4 * slot, self.token_ptr, 4, D2H, self.stream)
         self.cuda("cudaEventRecord", self.done[slot], self.stream)
         return slot
@@ -295,22 +212,15 @@ class StepGraph:
         """Until the greedy step in `slot` and the copy of its token are done."""
         self.cuda("cudaEventSynchronize", self.done[slot])
 
-    def wait_attention(self, slot: int) -> None:
-        """Until the greedy step in `slot` no longer reads the KV cache's page table: its last attention kernel
-        is done (AttentionDone), or the whole step where its graph has no such mark."""
-        event = self.attention_done[slot]
-        self.cuda("cudaEventSynchronize", self.done[slot] if event is None else event)
-
     def read_token(self, slot: int) -> int:
         self.wait(slot)
         return int(self.tokens_out[slot])
 
-    def _run(self, greedy: bool, tokens_after: int) -> int | None:
-        """Queue the step; returns its graph's AttentionDone event (None: a plain step, or no mark)."""
+    def _run(self, greedy: bool, tokens_after: int) -> None:
         if greedy not in self.warm:  # a mode's first step runs plainly: kernels load and the allocator fills
             self.warm.add(greedy)  # outside a capture
             self._pending = self._enqueue(greedy)
-            return None
+            return
         self._pending = ()
         key = (int(greedy),) + graph_key(tokens_after, self.page_size, self.pages_per_key, self.window)
         if key in self.graphs:
@@ -319,7 +229,6 @@ class StepGraph:
             self._capture(key, greedy)
         self.cuda("cudaGraphLaunch", self.graphs[key][0], self.stream)
         self.counts["replays"] += 1
-        return self.graphs[key][2]
 
     def _enqueue(self, greedy: bool) -> tuple[Any, ...]:
         """The step's work on the stream: (token in,) the VM calls, then logits out or the greedy token into
@@ -354,11 +263,9 @@ class StepGraph:
         self.cuda("cudaStreamEndCapture", self.stream, ctypes.byref(graph))
         try:
             self.counts["captures"] += 1
-            exec_, event = ctypes.c_void_p(), None
+            exec_ = ctypes.c_void_p()
             if len(self.graphs) >= MAX_GRAPHS:  # reuse the oldest: an update costs less than an instantiation
-                _, (exec_, _, event) = self.graphs.popitem(last=False)
-            event = self._mark_attention(graph, event) if greedy else self._drop_event(event)
-            if exec_.value:
+                _, (exec_, _) = self.graphs.popitem(last=False)
                 info = ctypes.create_string_buffer(64)  # cudaGraphExecUpdateResultInfo
                 if self.cuda.lib.cudaGraphExecUpdate(exec_, graph, info) != 0:
                     self.cuda.lib.cudaGetLastError()  # a changed topology: instantiate anew
@@ -369,30 +276,14 @@ class StepGraph:
                 self.counts["instantiations"] += 1
         finally:
             self.cuda.lib.cudaGraphDestroy(graph)
-        self.graphs[key] = (exec_, kept, event)
+        self.graphs[key] = (exec_, kept)
         self.counts["capture_ms"] += (time.perf_counter() - t) * 1e3
-
-    def _mark_attention(self, graph: ctypes.c_void_p, event: int | None) -> int | None:
-        """A greedy graph's AttentionDone node: `event` (an evicted graph's, so that an update in place sees the
-        same node) or a new one; None where the graph has no attention kernel to follow."""
-        if self._attention is None:
-            self._attention = AttentionDone()
-        event = event or self.cuda.event()
-        if self._attention.add(graph, event):
-            self.counts["attention_marks"] += 1
-            return event
-        return self._drop_event(event)
-
-    def _drop_event(self, event: int | None) -> None:
-        if event:
-            self.cuda.lib.cudaEventDestroy(ctypes.c_void_p(event))
 
     def close(self) -> None:
         """Release the graphs and the pinned buffers (the arrays handed out before become invalid)."""
         while self.graphs:
-            _, (exec_, _, event) = self.graphs.popitem()
+            _, (exec_, _) = self.graphs.popitem()
             self.cuda.lib.cudaGraphExecDestroy(exec_)
-            self._drop_event(event)
         for attr in ("_token_in_ptr", "_logits_out_ptr", "_tokens_out_ptr"):
             if getattr(self, attr, 0):
                 self.cuda.lib.cudaFreeHost(ctypes.c_void_p(getattr(self, attr)))

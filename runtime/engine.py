@@ -264,7 +264,7 @@ class Engine:
         self._check_room(1)
         with self._forward_of([-1 if token is None else token]):
             if after is not None:  # the cache's page-table copy must not overwrite the table that step still reads
-                self.graph.wait_attention(after)
+                self.graph.wait(after)
             self._qpos(self.kv)
             return self.graph.launch_greedy(len(self.cached) + 1, token)
 

@@ -360,7 +360,7 @@ class _HostStepGraph:
     def __init__(self, eng):
         self.eng, self.tokens, self.slot = eng, {}, 0
 
-    def wait_attention(self, slot):
+    def wait(self, slot):
         assert slot in self.tokens
 
     def launch_greedy(self, tokens_after, token=None):
