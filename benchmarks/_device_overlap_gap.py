@@ -5,7 +5,8 @@
 For each artifact under .gpu/h5 (random weights): the time per token of a 256-token greedy generation at a
 512-token prompt, the greedy step graph replayed back to back (GPU time with no host in between), and the
 median host time of each call of the loop (the KV cache's begin_forward / end_forward, the wait for the step
-before, the page-table copy call, the graph launch); the last two sit between the steps on the GPU.
+before, the page-table copy call, the graph launch). The last two are host time between two steps; on a fast
+host they are not what the GPU waits for (benchmarks/results/attention_mark_ab_h100.json).
 """
 import json
 import sys

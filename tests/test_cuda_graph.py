@@ -126,7 +126,6 @@ class _FakeCuda:
         import numpy as np
 
         a = np.zeros(n, dtype=dtype)
-        self.keep = getattr(self, "keep", []) + [a]
         return a, a.ctypes.data
 
     def event(self):

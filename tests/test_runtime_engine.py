@@ -398,7 +398,7 @@ def test_overlapped_greedy_equals_host_greedy(engine, overlapped):
     for stop_ids, n, close_after in cases:
         got = []
         for eng in (engine, overlapped):
-            gen, toks, stats = eng.generate_ids(prompt, n, stop_token_ids=stop_ids, stats={}), [], None
+            gen, toks = eng.generate_ids(prompt, n, stop_token_ids=stop_ids), []
             for t in gen:
                 toks.append(t)
                 if close_after and len(toks) == close_after:
