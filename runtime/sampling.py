@@ -1,7 +1,9 @@
 """Token sampling on the host with numpy: greedy, temperature, top-k, top-p, repetition penalty, seed.
 
 The logits of one position (vocab floats) come back from the device each step; at batch 1 and a
-vocabulary of ~50k the numpy work is tens of microseconds, far below a decode step on a board.
+vocabulary of ~50k the numpy work is tens of microseconds, far below a decode step on a board. (Plain
+greedy decoding from a CUDA step graph skips this: the artifact's argmax picks the token on the GPU with
+the same semantics as np.argmax, runtime/cuda_graph.py.)
 The order of the filters follows Hugging Face's `generate`: repetition penalty, temperature, top-k,
 top-p, then a draw from the softmax.
 """
