@@ -514,9 +514,9 @@ def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
 
     prompt = _random_prompt(ref, prompt_tokens, 1)
     first = turn("length", lambda e: list(e.generate_ids(prompt, steps, stop_token_ids=set())))
-    # a token the model does produce, first at step 8 or later where there is one: it ends the next generation
-    # as an EOS would, with steps decoded before it
-    stop = next((t for i, t in enumerate(first) if i >= 8 and first.index(t) == i), first[len(first) // 3])
+    # a token the model does produce, the one that appears last for the first time (random weights repeat
+    # themselves soon): it ends the next generation as an EOS would, after decode steps where there are any
+    stop = first[max(first.index(t) for t in first)]
     turn("eos", lambda e: list(e.generate_ids(prompt, steps, stop_token_ids={stop})))
 
     def closed(e, n=25):
