@@ -528,7 +528,6 @@ def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
         return got
 
     turn("consumer-stops", closed)
-    del ref, ov
     return out
 
 
@@ -638,6 +637,27 @@ def cmd_device_check(args) -> int:
             checks[-1]["teacher_forced_agreement"] = f"{agree}/{len(ref)}"
         print(json.dumps(checks[-1]), flush=True)
     report["greedy"] = checks
+
+    # chat turns as `run` / `chat` generate them (EOS ends each answer; overlapped greedy steps roll back the one
+    # gone ahead) against the same weights with every step synchronized: same answers, same cache for the next turn
+    sync = Engine(art, device="cuda", verify=False, overlap=False)
+    report["chat_overlap"] = []
+    for prompt in FIXED_PROMPTS:
+        msgs, rows = [{"role": "user", "content": prompt}], []
+        for e in (eng, sync):
+            e.reset()
+            stats: dict = {}
+            answer = list(e.generate_ids(e.tokenizer.encode_chat(msgs), 96, stats=stats))
+            nxt = e.tokenizer.encode_chat(msgs + [{"role": "assistant", "content": e.tokenizer.decode(
+                answer, skip_special_tokens=True)}, {"role": "user", "content": "Thank you!"}])
+            rows.append((answer, stats["finish_reason"], list(e.cached), e.prefill(nxt)))
+        (a, fa, ca, la), (b, fb, cb, lb) = rows
+        report["chat_overlap"].append({"prompt": prompt, "overlapped": eng.overlap, "tokens": len(a),
+                                       "finish_reason": fa, "answer_equal": a == b and fa == fb,
+                                       "cached_equal": ca == cb,
+                                       "next_turn_max_abs_logit_diff": float(np.abs(la - lb).max())})
+        print(json.dumps(report["chat_overlap"][-1]), flush=True)
+    del sync
 
     # WikiText-2 perplexity, seqlen 512, first 40 windows (tokens made on the CPU machine)
     windows = np.load(PERSIST / "weights_a" / "wikitext_40x512.npy")
