@@ -42,7 +42,9 @@ consumer's work and the KV cache's begin_forward for step i+1 all happen while s
 cannot move ahead is the page-table copy: the cache issues it on its own copy stream (non-blocking, nothing
 orders it after step i, whose kernels read the same device buffer), so the engine waits for step i to finish
 (`wait`) before it makes the cache copy step i+1's table, then launches at once. The GPU's idle time between
-steps shrinks to that copy and the launch. The tokens come back through two pinned words used in turn.
+steps shrinks to that copy, the launch and the token's copy out (benchmarks/results/overlap_gap_h100.json;
+waiting only for the step's last attention kernel instead measured no faster: attention_mark_ab_h100.json).
+The tokens come back through two pinned words used in turn.
 A generation that ends (EOS, a stop string, an exception) with a step gone ahead on its last token rolls
 that step back from the cache (runtime/engine.py); the tokens are those of host greedy sampling, since the
 kernel is numpy's argmax (lowest id among ties): e2e.py device-graph checks both, and the cache left behind.
