@@ -489,6 +489,18 @@ def _argmax_check(eng) -> dict:
     return row
 
 
+def _same_state(sync, overlapped, generate, next_ids) -> tuple[list, bool, float]:
+    """generate(engine) on a synchronized and an overlapped engine with the same weights, then each prefills
+    next_ids(engine, its output), a next turn on top of the cache the generation left. Returns both outputs,
+    whether the cached ids agreed before that prefill, and the largest difference of the next turn's logits."""
+    outs, cached, logits = [], [], []
+    for e in (sync, overlapped):
+        outs.append(generate(e))
+        cached.append(list(e.cached))
+        logits.append(e.prefill(next_ids(e, outs[-1])))
+    return outs, cached[0] == cached[1], float(np.abs(logits[0] - logits[1]).max())
+
+
 def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
     """Overlapped greedy decode (argmax on the GPU, each step queued before the last is read) against the same
     artifact with every step synchronized and sampled on the host: the same tokens, and the KV cache left in
@@ -501,12 +513,10 @@ def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
     out = [_argmax_check(ref)]
 
     def turn(label, run):
-        toks = [run(e) for e in (ref, ov)]
         extra = _random_prompt(ref, 23, 5 + len(out))
-        nxt = [e.prefill(e.cached + extra) for e in (ref, ov)]  # the cache as each generation left it
+        toks, cached_equal, diff = _same_state(ref, ov, run, lambda e, _: e.cached + extra)
         row = {"case": label, "tokens": len(toks[0]), "tokens_equal": toks[0] == toks[1],
-               "cached_equal": ref.cached == ov.cached, "cached": len(ref.cached),
-               "next_prefill_max_abs_diff": float(np.abs(nxt[0] - nxt[1]).max())}
+               "cached_equal": cached_equal, "cached": len(ref.cached), "next_prefill_max_abs_diff": diff}
         row["equal"] = row["tokens_equal"] and row["cached_equal"] and row["next_prefill_max_abs_diff"] == 0.0
         out.append(row)
         print(name, "overlap", row, flush=True)
@@ -643,19 +653,21 @@ def cmd_device_check(args) -> int:
     sync = Engine(art, device="cuda", verify=False, overlap=False)
     report["chat_overlap"] = []
     for prompt in FIXED_PROMPTS:
-        msgs, rows = [{"role": "user", "content": prompt}], []
-        for e in (eng, sync):
+        msgs = [{"role": "user", "content": prompt}]
+
+        def answer(e):
             e.reset()
             stats: dict = {}
-            answer = list(e.generate_ids(e.tokenizer.encode_chat(msgs), 96, stats=stats))
-            nxt = e.tokenizer.encode_chat(msgs + [{"role": "assistant", "content": e.tokenizer.decode(
-                answer, skip_special_tokens=True)}, {"role": "user", "content": "Thank you!"}])
-            rows.append((answer, stats["finish_reason"], list(e.cached), e.prefill(nxt)))
-        (a, fa, ca, la), (b, fb, cb, lb) = rows
+            return list(e.generate_ids(e.tokenizer.encode_chat(msgs), 96, stats=stats)), stats["finish_reason"]
+
+        def thanks(e, out):
+            return e.tokenizer.encode_chat(msgs + [{"role": "assistant", "content": e.tokenizer.decode(
+                out[0], skip_special_tokens=True)}, {"role": "user", "content": "Thank you!"}])
+
+        ((b, fb), (a, fa)), cached_equal, diff = _same_state(sync, eng, answer, thanks)
         report["chat_overlap"].append({"prompt": prompt, "overlapped": eng.overlap, "tokens": len(a),
                                        "finish_reason": fa, "answer_equal": a == b and fa == fb,
-                                       "cached_equal": ca == cb,
-                                       "next_turn_max_abs_logit_diff": float(np.abs(la - lb).max())})
+                                       "cached_equal": cached_equal, "next_turn_max_abs_logit_diff": diff})
         print(json.dumps(report["chat_overlap"][-1]), flush=True)
     del sync
 
