@@ -132,8 +132,11 @@ def git_commit() -> str:
 
 
 def cmd_bench(args) -> int:
+    from awq_edge.errors import UserError
     from runtime.cli import bench_artifacts, report_bench
 
+    if args.temperature > 0 and (args.hf or args.gguf):
+        raise UserError("--hf / --gguf baselines decode greedily: bench with --temperature 0 to compare against them")
     runs = bench_artifacts(args)
     if args.hf:
         runs.append(hf_bench(args.hf, args.prompt_lengths, args.gen_tokens, args.hf_device, args.hf_dtype))

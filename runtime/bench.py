@@ -1,8 +1,8 @@
 """Speed measurement of an artifact with the runtime alone: TTFT, prefill and decode tokens/s at batch 1.
 
 For each prompt length the cache is reset, a prompt of random token ids (fixed seed) is prefilled
-(time to first token = prefill + first sample), then `gen_tokens` tokens are decoded greedily with EOS
-ignored, so every run does the same work. Each step reads its logits back to the host, as real
+(time to first token = prefill + first sample), then `gen_tokens` tokens are decoded (greedily unless
+`sampling` says otherwise; seeded) with EOS ignored, so every run does the same work. Each step reads its logits back to the host, as real
 generation does, which also synchronizes the device: wall-clock timing is exact.
 
 The Orin figure is a PROJECTION, not a measurement: the bandwidth efficiency measured here (weight
@@ -11,6 +11,7 @@ Orin's 204.8 GB/s peak DRAM bandwidth.
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import resource
 import time
@@ -63,11 +64,15 @@ def _random_prompt(engine: Engine, n: int, seed: int) -> list[int]:
     return [i if i not in avoid else 100 for i in ids]
 
 
-def bench_one(engine: Engine, prompt_len: int, gen_tokens: int, seed: int = 0) -> dict[str, Any]:
+def bench_one(engine: Engine, prompt_len: int, gen_tokens: int, seed: int = 0,
+              sampling: SamplingParams | None = None) -> dict[str, Any]:
     engine.reset()
     ids = _random_prompt(engine, prompt_len, seed)
     stats: dict[str, Any] = {}
-    tokens = list(engine.generate_ids(ids, gen_tokens, SamplingParams(), stop_token_ids=set(), stats=stats))
+    sampling = sampling or SamplingParams()
+    if not sampling.greedy and sampling.seed is None:  # the same draws in every run
+        sampling = dataclasses.replace(sampling, seed=seed)
+    tokens = list(engine.generate_ids(ids, gen_tokens, sampling, stop_token_ids=set(), stats=stats))
     steps = stats["decode_steps"]
     return {
         "prompt_tokens": prompt_len,
@@ -80,15 +85,16 @@ def bench_one(engine: Engine, prompt_len: int, gen_tokens: int, seed: int = 0) -
 
 
 def run_bench(engine: Engine, prompt_lengths=(128, 512, 2048), gen_tokens: int = 256,
-              measure_copy_bandwidth: bool = True, label: str = "") -> dict[str, Any]:
+              measure_copy_bandwidth: bool = True, label: str = "",
+              sampling: SamplingParams | None = None) -> dict[str, Any]:
     # warm-up: first calls load kernels and fill the pooled allocator
-    bench_one(engine, min(16, engine.context_length - 9), 8)
+    bench_one(engine, min(16, engine.context_length - 9), 8, sampling=sampling)
     rows, skipped = [], []
     for n in prompt_lengths:
         if n + gen_tokens > engine.context_length:
             skipped.append({"prompt_tokens": n, "why": f"{n}+{gen_tokens} exceeds the context {engine.context_length}"})
             continue
-        rows.append(bench_one(engine, n, gen_tokens))
+        rows.append(bench_one(engine, n, gen_tokens, sampling=sampling))
     out: dict[str, Any] = {
         "label": label or str(engine.folder),
         "artifact": str(engine.folder),
@@ -99,6 +105,7 @@ def run_bench(engine: Engine, prompt_lengths=(128, 512, 2048), gen_tokens: int =
         "decode_step_graph": dict(engine.graph.counts) if engine.graph is not None else None,
         # greedy steps overlapped (runtime/cuda_graph.py): compare tokens/s only between runs that agree here
         "overlapped_greedy": engine.overlap,
+        "sampling": dataclasses.asdict(sampling or SamplingParams()),
         "results": rows,
         "skipped": skipped,
         "weight_bytes_per_token": weight_bytes_per_token(engine),

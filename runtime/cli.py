@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, generation: bool = True) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, default=None)
+    if not generation:
+        return
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -94,7 +96,8 @@ def bench_artifacts(args) -> list[dict]:
     for path, label in [(args.artifact, "artifact")] + [(b, "baseline") for b in args.baseline]:
         eng = Engine(path, device=args.device, verify=not args.no_verify, synthesize_weights=args.synthesize_weights,
                      cuda_graph=GRAPH_CHOICE[args.cuda_graph])
-        runs.append(run_bench(eng, tuple(args.prompt_lengths), args.gen_tokens, label=f"{label}:{Path(path).name}"))
+        runs.append(run_bench(eng, tuple(args.prompt_lengths), args.gen_tokens, label=f"{label}:{Path(path).name}",
+                              sampling=sampling_from_args(args)))
         del eng  # free its device memory before the next artifact loads
     return runs
 
@@ -135,6 +138,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-tokens", type=int, default=256)
     p.add_argument("--synthesize-weights", action="store_true", help="random weights for an artifact exported without them")
     p.add_argument("--json", type=Path, help="write the results here")
+    add_sampling_args(p, generation=False)  # decode greedily (default) or sampled, seeded: same draws every run
 
 
 def register(sub) -> None:

@@ -1,11 +1,12 @@
 """Token sampling on the host with numpy: greedy, temperature, top-k, top-p, repetition penalty, seed.
 
-The logits of one position (vocab floats) come back from the device each step; at batch 1 and a
-vocabulary of ~50k the numpy work is tens of microseconds, far below a decode step on a board. (Plain
-greedy decoding from a CUDA step graph skips this: the artifact's argmax picks the token on the GPU with
-the same semantics as np.argmax, runtime/cuda_graph.py.)
-The order of the filters follows Hugging Face's `generate`: repetition penalty, temperature, top-k,
-top-p, then a draw from the softmax.
+The logits of one position (vocab floats) come back from the device each step. The order of the filters
+follows Hugging Face's `generate`: repetition penalty, temperature, top-k, top-p, then a draw from the
+softmax. `top_k_filter` / `top_p_filter` / `softmax` spell the rules out over the whole vocabulary (the
+reference); `Sampler` applies the same rules to the few tokens that can survive them, because sorting and
+normalizing ~50k floats every step cost 0.8-5 ms of host time, longer than a decode step on the GPU
+(benchmarks/sampling.py). Plain greedy decoding from a CUDA step graph skips the host altogether: the
+artifact's argmax picks the token on the GPU with np.argmax's semantics (runtime/cuda_graph.py).
 """
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ import numpy as np
 from runtime.errors import UserError
 
 
-def repetition_penalty(logits: np.ndarray, previous: Iterable[int], penalty: float) -> np.ndarray:
-    """CTRL-style penalty (as in transformers): seen tokens' positive logits / penalty, negative ones * penalty."""
-    out = np.array(logits, dtype=np.float32, copy=True)
+def repetition_penalty(logits: np.ndarray, previous: Iterable[int], penalty: float,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """CTRL-style penalty (as in transformers): seen tokens' positive logits / penalty, negative ones * penalty.
+    out: a float32 array of the logits' size to write into (default: a new one)."""
+    if out is None:
+        out = np.array(logits, dtype=np.float32, copy=True)
+    else:
+        np.copyto(out, logits)
     if penalty == 1.0:
         return out
-    ids = np.unique(np.fromiter(previous, dtype=np.int64))
+    ids = np.fromiter(previous, dtype=np.int64)  # repeats are harmless: each writes the same value
     if ids.size:
         seen = out[ids]
         out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
@@ -56,6 +62,76 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(keep, logits, -np.inf).astype(np.float32)
 
 
+NUCLEUS_SPAN = 8.0  # the nucleus search first sorts the tokens within this of the best logit (e^-8 ~ 3e-4)...
+TOP_P_FIRST = 64  # ...or, if those are many, the 64 most likely; x4 while they hold less than top_p
+DRAW_BLOCK = 256  # a draw sums blocks of this many weights, then scans one block (np.cumsum is serial)
+
+
+def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray | None:
+    """top_k_filter's survivors, ascending (the k largest and any tied with the k-th); None: all of them."""
+    if k <= 0 or k >= logits.size:
+        return None
+    return np.flatnonzero(logits >= np.partition(logits, -k)[-k])
+
+
+def nucleus(logits: np.ndarray, p: float, out: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """top_p_filter's survivors among `logits` (positions, ascending; None: all) and their weights
+    (probabilities up to a common factor; all of them for None).
+
+    Sorting only the most likely tokens gives the reference's set: a token outside a candidate set of
+    larger logits follows all of it in the reference's order, so the mass before it is at least the
+    candidates' mass; once that reaches p (with a margin for the cumulative sum's rounding) it is dropped.
+    The whole vocabulary is exponentiated once in float32 (half the time of float64) for the normalizing
+    sum; the candidates' probabilities are then recomputed in float64 as the reference computes them.
+    out: a float32 scratch array of the logits' size (a sampler reuses one: a fresh array every step
+    costs page faults).
+    """
+    top = np.max(logits)
+    w = np.subtract(logits, top, out=out)
+    np.exp(w, out=w)
+    if p >= 1.0:
+        return None, w
+    total = w.sum(dtype=np.float64)
+    # first guess: the tokens within NUCLEUS_SPAN of the best (one pass; a peaked distribution's handful)
+    cand = np.flatnonzero(logits >= top - NUCLEUS_SPAN)
+    m = TOP_P_FIRST
+    while True:
+        if cand.size > 4 * m:  # a flat distribution: sort the m most likely first
+            cand = np.flatnonzero(logits >= np.partition(logits, -m)[-m])
+        probs = np.exp(logits[cand].astype(np.float64) - top) / total
+        order = np.argsort(-probs, kind="stable")
+        mass = np.cumsum(probs[order])
+        if cand.size == logits.size or mass[-1] >= p + 1e-6:
+            break
+        m = min(4 * max(m, cand.size), logits.size)
+        cand = np.flatnonzero(logits >= np.partition(logits, -m)[-m]) if m < logits.size else np.arange(logits.size)
+    keep = np.sort(order[mass - probs[order] < p])
+    return cand[keep], probs[keep]
+
+
+def draw(weights: np.ndarray, u: float) -> int:
+    """The index where the cumulative sum of `weights` (>= 0, not all 0) first exceeds u * their total:
+    a draw with probabilities proportional to the weights, for u uniform in [0, 1)."""
+    n, base = weights.size, 0
+    full = n // DRAW_BLOCK
+    if full > 1:  # the block, then the position inside it
+        sums = weights[:full * DRAW_BLOCK].reshape(full, DRAW_BLOCK).sum(axis=1)
+        if n > full * DRAW_BLOCK:
+            sums = np.append(sums, weights[full * DRAW_BLOCK:].sum())
+        cum = np.cumsum(sums)
+        t = u * cum[-1]
+        b = min(int(np.searchsorted(cum, t, side="right")), cum.size - 1)
+        base, t = b * DRAW_BLOCK, t - (cum[b - 1] if b else 0.0)
+        weights = weights[base:base + DRAW_BLOCK]
+    else:
+        t = u * weights.sum()
+    cdf = np.cumsum(weights)
+    j = int(np.searchsorted(cdf, t, side="right"))
+    if j >= cdf.size or weights[j] == 0:  # u * total rounded up to the total: the last token with weight
+        j = int(np.flatnonzero(weights)[-1])
+    return base + j
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy
@@ -83,20 +159,42 @@ class Sampler:
     def __init__(self, params: SamplingParams | None = None):
         self.params = params or SamplingParams()
         self.rng = np.random.default_rng(self.params.seed)
+        self._x: np.ndarray | None = None
+        self._w: np.ndarray | None = None
+
+    def survivors(self, logits: np.ndarray, previous: Iterable[int] = ()) -> tuple[np.ndarray | None, np.ndarray]:
+        """What the draw picks from after penalty, temperature, top-k and top-p: the tokens (ascending; None:
+        the whole vocabulary) and their probabilities up to a common factor."""
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self._x is None or self._x.size != logits.size:  # scratch reused every step
+            self._x, self._w = np.empty(logits.size, np.float32), np.empty(logits.size, np.float32)
+        x = repetition_penalty(logits, previous, p.repetition_penalty, out=self._x)
+        x /= np.float32(p.temperature or 1.0)
+        ids = top_k_ids(x, p.top_k)
+        kept, probs = nucleus(x, p.top_p, self._w) if ids is None else nucleus(x[ids], p.top_p)
+        if kept is None:
+            return ids, probs
+        return (kept if ids is None else ids[kept]), probs
 
     def filtered_logits(self, logits: np.ndarray, previous: Iterable[int] = ()) -> np.ndarray:
-        """The logits after penalty, temperature, top-k and top-p (what the draw is made from)."""
+        """The logits after penalty, temperature, top-k and top-p (-inf where filtered out)."""
         p = self.params
         x = repetition_penalty(np.asarray(logits, dtype=np.float32).reshape(-1), previous, p.repetition_penalty)
         if p.greedy:
             return x
-        x = x / np.float32(p.temperature)
-        x = top_k_filter(x, p.top_k)
-        return top_p_filter(x, p.top_p)
+        x /= np.float32(p.temperature)
+        ids, _ = self.survivors(logits, previous)
+        if ids is None:
+            return x
+        out = np.full_like(x, -np.inf)
+        out[ids] = x[ids]
+        return out
 
     def __call__(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
-        x = self.filtered_logits(logits, previous)
         if self.params.greedy:
-            return int(np.argmax(x))
-        probs = softmax(x)
-        return int(self.rng.choice(probs.size, p=probs))
+            return int(np.argmax(repetition_penalty(np.asarray(logits, dtype=np.float32).reshape(-1), previous,
+                                                    self.params.repetition_penalty)))
+        ids, probs = self.survivors(logits, previous)
+        j = draw(probs, self.rng.random())
+        return j if ids is None else int(ids[j])

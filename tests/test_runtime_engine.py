@@ -237,6 +237,23 @@ def test_cli_run_and_errors(tiny, engine, capsys):
     assert engine.graph is None and engine.cuda_stream is None
 
 
+
+def test_cli_bench_sampled(tiny, tmp_path, capsys):
+    from awq_edge.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tiny[1]), "--prompt-lengths", "8", "--gen-tokens", "6", "--temperature", "0.8",
+                 "--top-p", "0.9", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["sampling"]["temperature"] == 0.8 and run["sampling"]["top_p"] == 0.9
+    assert [r["generated_tokens"] for r in run["results"]] == [6]
+    capsys.readouterr()
+    # the HF / llama.cpp baselines decode greedily: comparing sampled decode against them is refused
+    assert main(["bench", str(tiny[1]), "--hf", str(tmp_path), "--temperature", "0.7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--hf" in err[0] and "--temperature" in err[0]
+
+
 BLOCKER = textwrap.dedent("""
     import sys
     BLOCKED = ("torch", "transformers", "tvm", "safetensors")

@@ -98,3 +98,58 @@ def test_bad_parameters_are_user_errors():
     for kw in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"repetition_penalty": 0}):
         with pytest.raises(UserError):
             SamplingParams(**kw)
+
+
+def _reference_survivors(x, temperature, top_k, top_p):
+    """The whole-vocabulary rules: which tokens a draw may pick and with what probability."""
+    f = top_p_filter(top_k_filter(x / np.float32(temperature), top_k), top_p)
+    kept = np.flatnonzero(np.isfinite(f))
+    return kept, softmax(f)[kept]
+
+
+@pytest.mark.parametrize("vocab", [50, 49152])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])  # flat (nucleus of thousands) to peaked (one token)
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (0, 0.9), (0, 0.999), (40, 0.95), (50, 1.0), (0, 1.0)])
+def test_sampler_survivors_equal_the_whole_vocabulary_rules(vocab, scale, top_k, top_p):
+    rng = np.random.default_rng(vocab + int(scale * 10) + top_k)
+    x = (rng.standard_normal(vocab) * scale).astype(np.float32)
+    x[rng.integers(0, vocab, 8)] = x.max()  # ties at the top
+    s = Sampler(SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p))
+    ids, probs = s.survivors(x)
+    kept, ref = _reference_survivors(x, 0.7, top_k, top_p)
+    np.testing.assert_array_equal(np.arange(vocab) if ids is None else ids, kept)
+    # float64 like the reference where a filter cut the vocabulary, float32 weights where all of it survives
+    np.testing.assert_allclose(probs / probs.sum(dtype=np.float64), ref, rtol=1e-9 if top_p < 1 else 2e-5, atol=1e-15)
+    f = s.filtered_logits(x)
+    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(f)), kept)
+
+
+@pytest.mark.parametrize("n", [3, 256, 1000, 49152])
+def test_draw_follows_the_weights(n):
+    from runtime.sampling import draw
+
+    rng = np.random.default_rng(n)
+    w = rng.random(n) ** 8  # uneven
+    w[rng.integers(0, n, n // 3 + 1)] = 0.0  # zero weights are never drawn
+    picks = np.array([draw(w, u) for u in rng.random(20000)])
+    assert w[picks].min() > 0
+    # the inverse CDF, exactly, at a few points: the first index whose cumulative weight exceeds u * total
+    cdf = np.cumsum(w)
+    for u in (0.0, 0.123, 0.5, 0.987654):
+        j = draw(w, u)
+        assert cdf[j] >= u * cdf[-1] * (1 - 1e-12) and (j == 0 or cdf[j - 1] <= u * cdf[-1] * (1 + 1e-12))
+    assert w[draw(w, np.nextafter(1.0, 0.0))] > 0
+    # frequencies of the heaviest bins against their probabilities
+    top = np.argsort(-w)[:5]
+    freq = np.array([(picks == t).mean() for t in top])
+    np.testing.assert_allclose(freq, w[top] / w.sum(), atol=0.015)
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+    x = _logits(n=600, seed=11)
+    s = Sampler(SamplingParams(temperature=1.3, top_k=30, top_p=0.9, seed=1))
+    kept, ref = _reference_survivors(x, 1.3, 30, 0.9)
+    draws = np.array([s(x) for _ in range(20000)])
+    assert set(draws.tolist()) <= set(kept.tolist())
+    freq = np.array([(draws == k).mean() for k in kept])
+    np.testing.assert_allclose(freq, ref, atol=0.015)
