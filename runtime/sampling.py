@@ -62,8 +62,9 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(keep, logits, -np.inf).astype(np.float32)
 
 
-NUCLEUS_SPAN = 8.0  # the nucleus search first sorts the tokens within this of the best logit (e^-8 ~ 3e-4)...
-TOP_P_FIRST = 64  # ...or, if those are many, the 64 most likely; x4 while they hold less than top_p
+NUCLEUS_SPAN = 8.0  # top-p first sorts the tokens within this of the best logit (e^-8 ~ 3e-4)...
+NUCLEUS_SORT = 1024  # ...if they are at most this many and hold top_p; else it finds the cut among
+NUCLEUS_BUCKETS = 1024  # this many buckets of logit value
 DRAW_BLOCK = 256  # a draw sums blocks of this many weights, then scans one block (np.cumsum is serial)
 
 
@@ -76,37 +77,39 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray | None:
 
 def nucleus(logits: np.ndarray, p: float, out: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
     """top_p_filter's survivors among `logits` (positions, ascending; None: all) and their weights
-    (probabilities up to a common factor; all of them for None).
+    (probabilities times a common factor; all of them for None).
 
-    Sorting only the most likely tokens gives the reference's set: a token outside a candidate set of
-    larger logits follows all of it in the reference's order, so the mass before it is at least the
-    candidates' mass; once that reaches p (with a margin for the cumulative sum's rounding) it is dropped.
-    The whole vocabulary is exponentiated once in float32 (half the time of float64) for the normalizing
-    sum; the candidates' probabilities are then recomputed in float64 as the reference computes them.
-    out: a float32 scratch array of the logits' size (a sampler reuses one: a fresh array every step
-    costs page faults).
+    Only tokens near the cut are sorted. Tokens with larger logits come first in the reference's order, so
+    a token's "mass before" is the mass of the larger logits plus that of its equals ahead of it (lower
+    ids). A peaked distribution reaches p within NUCLEUS_SPAN of the best logit: those few are sorted. A
+    flat one (a random model, a high temperature) may need thousands: buckets of logit value then locate
+    the cut, tokens in buckets above it are all kept, below it all dropped, and only the buckets at the
+    cut are sorted. Weights and sums are float64 as in the reference, up to the order of summation (the
+    margins cover that). out: a float64 scratch array of the logits' size (a sampler reuses one: a fresh
+    400 KB array every step costs more in page faults than the arithmetic).
     """
     top = np.max(logits)
-    w = np.subtract(logits, top, out=out)
-    np.exp(w, out=w)
+    e = np.subtract(logits, top, out=out, dtype=np.float64)
+    np.exp(e, out=e)
     if p >= 1.0:
-        return None, w
-    total = w.sum(dtype=np.float64)
-    # first guess: the tokens within NUCLEUS_SPAN of the best (one pass; a peaked distribution's handful)
+        return None, e
+    total = e.sum()
     cand = np.flatnonzero(logits >= top - NUCLEUS_SPAN)
-    m = TOP_P_FIRST
-    while True:
-        if cand.size > 4 * m:  # a flat distribution: sort the m most likely first
-            cand = np.flatnonzero(logits >= np.partition(logits, -m)[-m])
-        probs = np.exp(logits[cand].astype(np.float64) - top) / total
-        order = np.argsort(-probs, kind="stable")
-        mass = np.cumsum(probs[order])
-        if cand.size == logits.size or mass[-1] >= p + 1e-6:
-            break
-        m = min(4 * max(m, cand.size), logits.size)
-        cand = np.flatnonzero(logits >= np.partition(logits, -m)[-m]) if m < logits.size else np.arange(logits.size)
-    keep = np.sort(order[mass - probs[order] < p])
-    return cand[keep], probs[keep]
+    if cand.size <= NUCLEUS_SORT and e[cand].sum() >= (p + 1e-9) * total:
+        mask, before = np.zeros(logits.size, dtype=bool), 0.0
+    else:
+        scale = np.float32(NUCLEUS_BUCKETS / max(float(top - np.min(logits)), 1e-30))
+        bucket = np.minimum(((top - logits) * scale).astype(np.int32), NUCLEUS_BUCKETS - 1)
+        mass = np.cumsum(np.bincount(bucket, weights=e, minlength=NUCLEUS_BUCKETS))
+        first = int(np.searchsorted(mass, (p - 1e-9) * total))  # buckets before it hold less than p: kept
+        last = int(np.searchsorted(mass, (p + 1e-9) * total))  # buckets after it: mass before >= p, dropped
+        mask, before = bucket < first, (mass[first - 1] if first else 0.0)
+        cand = np.flatnonzero((bucket >= first) & (bucket <= last))
+    w = e[cand]
+    order = np.argsort(-w, kind="stable")
+    mask[cand[order[before + np.cumsum(w[order]) - w[order] < p * total]]] = True
+    kept = np.flatnonzero(mask)
+    return kept, e[kept]
 
 
 def draw(weights: np.ndarray, u: float) -> int:
@@ -168,7 +171,7 @@ class Sampler:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         if self._x is None or self._x.size != logits.size:  # scratch reused every step
-            self._x, self._w = np.empty(logits.size, np.float32), np.empty(logits.size, np.float32)
+            self._x, self._w = np.empty(logits.size, np.float32), np.empty(logits.size, np.float64)
         x = repetition_penalty(logits, previous, p.repetition_penalty, out=self._x)
         x /= np.float32(p.temperature or 1.0)
         ids = top_k_ids(x, p.top_k)

@@ -118,8 +118,8 @@ def test_sampler_survivors_equal_the_whole_vocabulary_rules(vocab, scale, top_k,
     ids, probs = s.survivors(x)
     kept, ref = _reference_survivors(x, 0.7, top_k, top_p)
     np.testing.assert_array_equal(np.arange(vocab) if ids is None else ids, kept)
-    # float64 like the reference where a filter cut the vocabulary, float32 weights where all of it survives
-    np.testing.assert_allclose(probs / probs.sum(dtype=np.float64), ref, rtol=1e-9 if top_p < 1 else 2e-5, atol=1e-15)
+    # the draw weighs survivors by their float32 exp (the kept set itself is decided in float64)
+    np.testing.assert_allclose(probs / probs.sum(dtype=np.float64), ref, rtol=2e-5, atol=1e-15)
     f = s.filtered_logits(x)
     np.testing.assert_array_equal(np.flatnonzero(np.isfinite(f)), kept)
 
