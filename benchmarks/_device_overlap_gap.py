@@ -40,13 +40,13 @@ for name in sys.argv[2:]:
         return w
 
     eng._kv_begin, eng._qpos, eng._kv_end = tm("begin", kb), tm("qpos", qp), tm("end", ke)
-    gw, gl = g.wait, g.launch_greedy
-    g.wait, g.launch_greedy = tm("wait", gw), tm("launch", gl)
+    gw, gl = g.wait, g.launch_token
+    g.wait, g.launch_token = tm("wait", gw), tm("launch", gl)
     st = {}
     list(eng.generate_ids(prompt, 256, stop_token_ids=set(), stats=st))
     per_tok = st["decode_s"] / (st["decode_steps"])
     eng._kv_begin, eng._qpos, eng._kv_end = kb, qp, ke
-    g.wait, g.launch_greedy = gw, gl
+    g.wait, g.launch_token = gw, gl
     # the step's last graph (greedy, or with the logits copy for NAME:sync) replayed back to back: GPU time of a
     # step with no host in between
     key = next(k for k in reversed(g.graphs) if k[0] == int(eng.overlap))

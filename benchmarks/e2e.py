@@ -538,6 +538,97 @@ def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
         return got
 
     turn("consumer-stops", closed)
+    if ov.overlap_sampling:
+        out += _sample_check(name, ref, ov, prompt, steps)
+    return out
+
+
+def _sample_row(eng, x: np.ndarray, cfg, seed: int, counter: int) -> tuple[int, int]:
+    """The artifact's `sample` on one row: (token, counter it leaves)."""
+    V = eng.vocab
+    c, r = eng.to_device(np.array([*cfg, 0], np.float32)), eng.to_device(np.array([seed, counter], np.int32))
+    tok = int(eng.to_host(eng.fn["sample"](eng.to_device(x.reshape(1, 1, V)), c, r))[0])
+    return tok, int(eng.to_host(r)[1])
+
+
+def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dict]:
+    """The device sampler (tvm_kernels/sample.py): the kernel against its numpy reference on random rows
+    (flat to peaked, ties, NaNs; temperature, top-k, top-p, both), its draws' frequencies, and overlapped
+    sampled generation: a seed repeats its tokens, which are the reference's draws on the synchronized
+    engine's logits, and a generation the consumer ends leaves the cache as synchronized decoding does."""
+    from runtime.bench import _random_prompt
+    from runtime.sampling import Sampler, SamplingParams
+    from tvm_kernels.sample import reference, survivors
+
+    rng, V, out = np.random.default_rng(3), ov.vocab, []
+    settings = [(1.0, 0, 1.0), (0.7, 50, 1.0), (0.7, 0, 0.9), (0.9, 40, 0.95), (1.0, 1, 1.0), (0.5, 0, 0.5)]
+    wrong, outside, counters, n = [], 0, True, 0
+    for scale in (0.3, 3.0, 30.0):
+        for j in range(4):
+            x = (rng.standard_normal(V) * scale).astype(np.float32)
+            if j == 1:
+                x[rng.choice(V, 5, replace=False)] = x.max()
+            if j == 2:
+                x[rng.choice(V, 40, replace=False)] = np.nan
+            for T, k, p in settings:
+                seed, counter = int(rng.integers(2**31)), int(rng.integers(1000))
+                tok, after = _sample_row(ov, x, (T, p, k), seed, counter)
+                n += 1
+                counters &= after == counter + 1
+                outside += int(not survivors(x, T, k, p)[tok])
+                exp = reference(x, T, k, p, seed, counter)
+                if tok != exp:
+                    wrong.append({"scale": scale, "row": j, "setting": [T, k, p], "got": tok, "expected": exp})
+    row = {"case": "sample rows", "draws": n, "wrong": wrong[:10], "n_wrong": len(wrong), "outside_survivors": outside,
+           "counter_advanced": bool(counters)}
+    row["equal"] = not wrong and not outside and counters
+    out.append(row)
+    print(name, "sample", row, flush=True)
+    # frequencies: 5000 draws of one row, the counter advancing in place as in a graph's replays
+    x = (rng.standard_normal(V) * 2).astype(np.float32)
+    c, r = ov.to_device(np.array([1.0, 0.9, 0, 0], np.float32)), ov.to_device(np.array([9, 0], np.int32))
+    lx, draws = ov.to_device(x.reshape(1, 1, V)), []
+    for _ in range(5000):
+        draws.append(int(ov.to_host(ov.fn["sample"](lx, c, r))[0]))
+    keep = survivors(x, 1.0, 0, 0.9)
+    probs = np.where(keep, np.exp(x.astype(np.float64) - x.max()), 0.0)
+    probs /= probs.sum()
+    freq = np.bincount(draws, minlength=V) / len(draws)
+    top = np.argsort(-probs)[:20]
+    row = {"case": "sample frequencies", "draws": len(draws), "survivors": int(keep.sum()),
+           "max_abs_freq_minus_prob_top20": float(np.abs(freq[top] - probs[top]).max()),
+           "drawn_outside_survivors": int((~keep[np.array(draws)]).sum()), "distinct_drawn": len(set(draws))}
+    row["equal"] = row["drawn_outside_survivors"] == 0 and row["max_abs_freq_minus_prob_top20"] < 0.02
+    out.append(row)
+    print(name, "sample", row, flush=True)
+    # overlapped sampled generation
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=11)
+    a = list(ov.generate_ids(prompt, steps, params, stop_token_ids=set()))
+    again = list(ov.generate_ids(prompt, steps, params, stop_token_ids=set()))
+    expect = [Sampler(params)(ref.prefill(prompt))]
+    for i in range(len(a) - 1):
+        expect.append(reference(ref.decode(expect[-1]), 0.8, 50, 0.95, 11, i))
+    same = [x == y for x, y in zip(a, expect)]
+    row = {"case": "sampled generation", "tokens": len(a), "seed_repeats": a == again,
+           "tokens_equal_reference": int(sum(same)), "first_difference": same.index(False) if not all(same) else None,
+           "distinct_tokens": len(set(a))}
+    gen, toks = ov.generate_ids(prompt, steps, params, stop_token_ids=set()), []
+    for t in gen:
+        toks.append(t)
+        if len(toks) == 25:
+            gen.close()
+    ref.reset()
+    ref.prefill(prompt)
+    for t in toks[:24]:  # the cache as synchronized decoding of the same tokens leaves it
+        ref.decode(t)
+    extra = _random_prompt(ref, 23, 99)
+    row["consumer_stops_cached_equal"] = ov.cached == ref.cached
+    row["consumer_stops_next_prefill_max_abs_diff"] = float(np.abs(ref.prefill(ref.cached + extra)
+                                                                   - ov.prefill(ov.cached + extra)).max())
+    row["equal"] = (row["seed_repeats"] and all(same) and row["consumer_stops_cached_equal"]
+                    and row["consumer_stops_next_prefill_max_abs_diff"] == 0.0)
+    out.append(row)
+    print(name, "sample", row, flush=True)
     return out
 
 

@@ -6,8 +6,9 @@
            49152 tokens), alternating, and a check that both keep the same tokens with the same
            probabilities -> benchmarks/results/sampling_host.json
   device   on the GPU machine: decode tokens/s of artifacts under .gpu/h5 (random weights) greedy
-           (overlapped, and synchronized) and sampled with each sampler, alternating rounds in one
-           process -> $OUT/sampling_device.json
+           (overlapped, and synchronized) and sampled: on the device (overlapped, where the artifact has
+           `sample` and there is no repetition penalty), synchronized with the host sampler, and with the
+           sampler it replaced; alternating rounds in one process -> $OUT/sampling_device.json
 
   PYTHONPATH=. .venv/bin/python benchmarks/sampling.py host
   PYTHONPATH=/tmp/tvmrt AWQ_EDGE_TVM_LIB=$PWD/.gpu/tvmrt python3 benchmarks/sampling.py device \
@@ -104,24 +105,28 @@ def cmd_device(args) -> int:
     from benchmarks.e2e import _device_info, _engine_ab
     from runtime.bench import bench_one
 
-    modes = {"greedy": (False, SamplingParams()), "greedy:sync": (True, SamplingParams())}
+    # label -> (synchronized engine?, sampling, host sampler class). On the overlapped engine sampled decoding
+    # runs on the device where the artifact has `sample` and there is no repetition penalty
+    modes = {"greedy": (False, SamplingParams(), Sampler), "greedy:sync": (True, SamplingParams(), Sampler)}
     for name, params in SETTINGS.items():
-        modes[name] = (False, params)
-        modes[name + " [ref sampler]"] = (False, params)
-    rounds = []
+        modes[name] = (False, params, Sampler)
+        modes[name + " [sync, host sampler]"] = (True, params, Sampler)
+        modes[name + " [sync, ref sampler]"] = (True, params, RefSampler)
+    rounds, on_device = [], {}
     for art in args.artifacts:
         engines = {False: _engine_ab(art), True: _engine_ab(art + ":sync")}
         for eng in engines.values():
             bench_one(eng, 16, 8)
             bench_one(eng, 16, 8, sampling=SETTINGS["T0.7"])
         for i in range(args.rounds):
-            for mode, (sync, params) in modes.items():
-                runtime.engine.Sampler = RefSampler if mode.endswith("[ref sampler]") else Sampler
+            for mode, (sync, params, cls) in modes.items():
+                runtime.engine.Sampler = cls
                 for length in args.prompt_lengths:
                     r = bench_one(engines[sync], length, args.gen_tokens, sampling=params)
                     rounds.append({"artifact": art, "round": i, "mode": mode, **r})
-                    print(f"{art:12s} round {i} {mode:48s} {length:5d}: {r['decode_tokens_per_s']:7.1f} tok/s", flush=True)
+                    print(f"{art:12s} round {i} {mode:56s} {length:5d}: {r['decode_tokens_per_s']:7.1f} tok/s", flush=True)
         runtime.engine.Sampler = Sampler
+        on_device[art] = bool(engines[False].overlap_sampling)
         del engines
     med = {}
     for art in args.artifacts:
@@ -129,7 +134,8 @@ def cmd_device(args) -> int:
             for length in args.prompt_lengths:
                 v = [r["decode_tokens_per_s"] for r in rounds if (r["artifact"], r["mode"], r["prompt_tokens"]) == (art, mode, length)]
                 med.setdefault(art, {}).setdefault(mode, {})[length] = float(np.median(v))
-    report = header({"device": _device_info(), "artifacts": args.artifacts, "median_decode_tokens_per_s": med,
+    report = header({"device": _device_info(), "artifacts": args.artifacts,
+                     "sampling_on_device": on_device, "median_decode_tokens_per_s": med,
                      "ratio_vs_greedy": {a: {m: {L: med[a][m][L] / med[a]["greedy"][L] for L in args.prompt_lengths}
                                              for m in modes} for a in args.artifacts},
                      "rounds": rounds})

@@ -20,7 +20,7 @@ import numpy as np
 
 from export.errors import UserError
 from tvm_kernels.layout import GROUP_SIZES
-from export.model import FAMILIES, FUNCTIONS, ModelConfig, build_module, config_from_hf, family_of
+from export.model import FAMILIES, ModelConfig, build_module, config_from_hf, family_of, functions_of
 from export.weights import (LinearSource, QuantConfig, SafetensorsFolder, quant_config, read_config,
                             tokenizer_files)
 
@@ -235,7 +235,7 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, graph_mode: str
     import tvm
     from tvm import relax
 
-    from export.kernels import attention_kernels, make_argmax_op, make_linear_op, make_norm_ops
+    from export.kernels import attention_kernels, make_argmax_op, make_linear_op, make_norm_ops, make_sample_op
     from export.lm_head import make_lm_head_op
 
     target = device_target.tvm_target()
@@ -244,7 +244,7 @@ def build_library(cfg: ModelConfig, device_target, kernels: str, graph_mode: str
         lm_head_ops = make_lm_head_op(device_target) if cfg.lm_head == "int8" else None
         module, spec = build_module(cfg, linear_op, make_norm_ops(device_target),
                                     lambda rope_mode: attention_kernels(device_target, rope_mode), lm_head_ops,
-                                    make_argmax_op(device_target))
+                                    make_argmax_op(device_target), make_sample_op(device_target))
         mod, named = module.export_tvm(spec=spec)
         params = [{"name": n, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for n, p in named]
         config = {"relax.backend.use_cuda_graph": graph_mode == "regions"}
@@ -414,7 +414,7 @@ def export_checkpoint(checkpoint: Path, target: str, out: Path, *, force: bool =
             shutil.copy2(f, tmp / f.name)
         manifest = Manifest(
             model={**cfg.as_manifest(), "source": str(checkpoint.absolute())}, target=_target_manifest(dt, use_pdl),
-            library=LIBRARY, params=params, functions=FUNCTIONS, kv_cache=_kv_manifest(cfg),
+            library=LIBRARY, params=params, functions=functions_of(dt), kv_cache=_kv_manifest(cfg),
             tokenizer={"files": [f.name for f in tok_files], "chat_template": template,
                        "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids},
             quantization=quant.as_manifest() if quant else None, tvm_version=_tvm_version(),
@@ -470,7 +470,7 @@ def export_config(hf_config: dict[str, Any], target: str, out: Path, *, group_si
             shutil.copy2(f, tmp / f.name)
         manifest = Manifest(
             model={**cfg.as_manifest(), "source": None, "weights": "synthesize"}, target=_target_manifest(dt, use_pdl),
-            library=LIBRARY, params=params, functions=FUNCTIONS, kv_cache=_kv_manifest(cfg),
+            library=LIBRARY, params=params, functions=functions_of(dt), kv_cache=_kv_manifest(cfg),
             tokenizer={"files": [f.name for f in tok_files], "chat_template": template,
                        "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids},
             quantization=quant.as_manifest() if quant else None, tvm_version=_tvm_version(),

@@ -263,13 +263,14 @@ FUSED_NORMS_MAX_HIDDEN = 2048
 
 def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[Callable, Callable],
                  attention_kernels: Callable | None = None, lm_head_ops: tuple[Callable, Callable] | None = None,
-                 argmax_op: Callable | None = None):
+                 argmax_op: Callable | None = None, sample_op: Callable | None = None):
     """The nn.Module for `cfg`. `linear_op(x2d, weight, scales, zeros, N, K, G) -> y2d` runs a W4 linear
     (see export.kernels); unused for FP16 models. `norm_ops` = (rms_norm, add_rms_norm), the fused
     kernels of export.kernels.make_norm_ops. `attention_kernels(rope_mode)`: a context manager around the
     KV cache's construction that installs our attention kernels (export.kernels.attention_kernels).
     `lm_head_ops` = (logits, rows) of export.lm_head.make_lm_head_op, for cfg.lm_head "int8".
-    `argmax_op(logits) -> int32 [1]` (export.kernels.make_argmax_op) adds the `argmax` function."""
+    `argmax_op(logits) -> int32 [1]` (export.kernels.make_argmax_op) adds the `argmax` function,
+    `sample_op(logits, cfg, rng) -> int32 [1]` (export.kernels.make_sample_op) the `sample` function."""
     import contextlib
 
     import numpy as np
@@ -660,6 +661,9 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
         def argmax(self, logits):
             return argmax_op(logits)
 
+        def sample(self, logits, cfg, rng):
+            return sample_op(logits, cfg, rng)
+
         def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                             support_sliding_window):
             # NORMAL: rotate-half RoPE applied to q and k before k enters the cache (as HF Llama);
@@ -698,6 +702,10 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
         if argmax_op is not None:
             functions["argmax"] = {"logits": nn.spec.Tensor([1, 1, cfg.vocab_size], "float32"),
                                    "$": {"param_mode": "none", "effect_mode": "none"}}
+        if sample_op is not None:
+            functions["sample"] = {"logits": nn.spec.Tensor([1, 1, cfg.vocab_size], "float32"),
+                                   "cfg": nn.spec.Tensor([4], "float32"), "rng": nn.spec.Tensor([2], "int32"),
+                                   "$": {"param_mode": "none", "effect_mode": "none"}}
         return functions
 
     return CausalLM(), spec()
@@ -728,4 +736,12 @@ FUNCTIONS = {
     "argmax": {"inputs": ["logits float32[1, 1, vocab]"], "outputs": ["int32[1]"],
                "doc": "the greedy token on the device (lowest id among equal maxima): a decode-step graph feeds it "
                       "to the next step itself (runtime/cuda_graph.py)"},
+    "sample": {"inputs": ["logits float32[1, 1, vocab]", "cfg float32[4]", "rng int32[2]"], "outputs": ["int32[1]"],
+               "doc": "a sampled token on the device (CUDA exports only): cfg = [temperature, top_p, top_k, 0], "
+                      "rng = [seed, counter], counter advanced in place; tvm_kernels/sample.py"},
 }
+
+
+def functions_of(device_target) -> dict:
+    """The manifest's functions for an export to `device_target` (`sample` is built for CUDA only)."""
+    return {k: v for k, v in FUNCTIONS.items() if k != "sample" or device_target.is_cuda}

@@ -114,9 +114,11 @@ def report_bench(runs: list[dict], args, extra: dict | None = None) -> dict:
         for row in r["vs"]:
             print(f"{runs[0]['label']} vs {r['baseline']} @ prompt {row['prompt_tokens']}: "
                   f"decode x{row['decode_speedup']:.2f}, prefill x{row['prefill_speedup']:.2f}, TTFT x{row['ttft_ratio']:.2f}")
-    overlapped = {r["label"]: r["overlapped_greedy"] for r in timed if "overlapped_greedy" in r}
-    if len(set(overlapped.values())) > 1:  # an artifact exported before `argmax` existed decodes synchronized
-        print("note: greedy decode is overlapped for " + ", ".join(k for k, v in overlapped.items() if v)
+    # an artifact exported before `argmax` / `sample` existed decodes synchronized
+    kind = "sampling" if getattr(args, "temperature", 0) > 0 else "greedy"
+    overlapped = {r["label"]: r[f"overlapped_{kind}"] for r in timed if f"overlapped_{kind}" in r}
+    if len(set(overlapped.values())) > 1:
+        print(f"note: {kind} decode is overlapped for " + ", ".join(k for k, v in overlapped.items() if v)
               + " but not for " + ", ".join(k for k, v in overlapped.items() if not v)
               + " (re-export it to compare like with like)")
     if args.json:

@@ -35,8 +35,9 @@ What a replay relies on, and how it is arranged:
   which a capture refuses (CUDA error 900). The exporter says which artifacts qualify: manifest
   `cuda_graph.mode == "decode-step"`.
 
-Overlapped greedy decode (`launch_greedy` / `wait` / `read_token`; artifacts with the `argmax` function): the
-step's graph also picks the greedy token on the GPU and writes it into the token buffer the next step embeds,
+Overlapped decode (`launch_token` / `wait` / `read_token`; artifacts with the `argmax` function, and for
+sampled decoding without a repetition penalty the `sample` function, tvm_kernels/sample.py): the step's
+graph also picks the next token on the GPU and writes it into the token buffer the next step embeds,
 so the host no longer needs step i's token before it queues step i+1: reading it, the stop checks, the
 consumer's work and the KV cache's begin_forward for step i+1 all happen while step i runs. What the host
 cannot move ahead is the page-table copy: the cache issues it on its own copy stream (non-blocking, nothing
@@ -46,8 +47,10 @@ steps shrinks to that copy, the launch and the token's copy out (benchmarks/resu
 waiting only for the step's last attention kernel instead measured no faster: attention_mark_ab_h100.json).
 The tokens come back through two pinned words used in turn.
 A generation that ends (EOS, a stop string, an exception) with a step gone ahead on its last token rolls
-that step back from the cache (runtime/engine.py); the tokens are those of host greedy sampling, since the
+that step back from the cache (runtime/engine.py); greedy tokens are those of host greedy sampling, since the
 kernel is numpy's argmax (lowest id among ties): e2e.py device-graph checks both, and the cache left behind.
+Sampled tokens follow the host sampler's rules but not its draws (the kernel's noise is a hash of seed,
+step and token id; sample's temperature / top-p / top-k and seed live in a device buffer the graph reads).
 """
 from __future__ import annotations
 
@@ -70,6 +73,8 @@ MAX_GRAPHS = 4  # instantiated graphs kept per engine (the oldest is updated in 
 # it out (src/runtime/vm/attn_utils.h); the libraries of another TVM version get a re-capture at every page
 AUX_ALIGN_PAGES = 4
 AUX_LAYOUT_VERSIONS = ("0.27",)
+MODES = ("logits", "argmax", "sample")  # what a step graph ends with; the last two leave the next token on the GPU
+TOKEN_MODES = MODES[1:]
 
 
 def pages_per_key(tvm_version: str) -> int:
@@ -171,9 +176,10 @@ class StepGraph:
 
     def __init__(self, cuda: Cuda, stream: int, page_size: int, run_step, token_ptr: int, vocab: int,
                  tvm_version: str = "", window: int = 0):
-        """run_step(greedy) -> (logits tensor, *tensors to keep alive), or with greedy (int32 [1] greedy token,
-        *tensors to keep alive): the VM calls of one step on the token at device address token_ptr, on the
-        current stream. window: the sliding-window layers' window (0: none)."""
+        """run_step(mode) -> (logits tensor, *tensors to keep alive), or for a mode in TOKEN_MODES (int32 [1]
+        token, *tensors to keep alive): the VM calls of one step on the token at device address token_ptr, on
+        the current stream; mode "logits", or "argmax" / "sample" (the function that picks the next token on
+        the device). window: the sliding-window layers' window (0: none)."""
         self.cuda, self.stream, self.page_size, self.run_step = cuda, stream, page_size, run_step
         self.token_ptr, self.window = token_ptr, window
         self.token_in, self._token_in_ptr = cuda.pinned(1, "int32")
@@ -182,9 +188,9 @@ class StepGraph:
         self.done = [cuda.event(), cuda.event()]
         self._slot = 0
         self.pages_per_key = pages_per_key(tvm_version)
-        # (greedy, *graph_key) -> (instantiated graph, tensors it uses)
+        # (mode index, *graph_key) -> (instantiated graph, tensors it uses)
         self.graphs: OrderedDict[tuple[int, ...], tuple[ctypes.c_void_p, tuple[Any, ...]]] = OrderedDict()
-        self.warm: set[bool] = set()  # modes (greedy or not) whose first step has run plainly
+        self.warm: set[str] = set()  # modes whose first step has run plainly
         self._pending: tuple[Any, ...] = ()  # a plain step's tensors, kept until the next step is queued
         self.counts = {"captures": 0, "instantiations": 0, "replays": 0, "capture_ms": 0.0}
 
@@ -193,55 +199,57 @@ class StepGraph:
         of pinned memory, valid until the next step). The caller has begun the KV cache's forward and
         made the page table current on the device (get_query_positions), with self.stream current."""
         self.token_in[0] = token
-        self._run(False, tokens_after)
+        self._run("logits", tokens_after)
         self.cuda("cudaStreamSynchronize", self.stream)
         return self.logits_out
 
-    def launch_greedy(self, tokens_after: int, token: int | None = None) -> int:
-        """Queue one greedy step without waiting for it; `token`: its input, or None for the token the
-        previous greedy step left in the token buffer. Returns the slot that wait / read_token take. Called
-        like step, once the step queued before it is done (`wait`)."""
+    def launch_token(self, tokens_after: int, token: int | None = None, mode: str = "argmax") -> int:
+        """Queue one step that picks its token on the device (mode "argmax" or "sample") without waiting for
+        it; `token`: its input, or None for the token the previous such step left in the token buffer. Returns
+        the slot that wait / read_token take. Called like step, once the step queued before it is done (`wait`)."""
+        if mode not in TOKEN_MODES:
+            raise ValueError(f"mode {mode!r}: expected one of {TOKEN_MODES}")
         slot, self._slot = self._slot, self._slot ^ 1
         if token is not None:
             self.token_in[0] = token  # the previous generation's steps have all finished: nothing reads it now
             self.cuda("cudaMemcpyAsync", self.token_ptr, self._token_in_ptr, 4, H2D, self.stream)
-        self._run(True, tokens_after)
+        self._run(mode, tokens_after)
         self.cuda("cudaMemcpyAsync", self._tokens_out_ptr + 4 * slot, self.token_ptr, 4, D2H, self.stream)
         self.cuda("cudaEventRecord", self.done[slot], self.stream)
         return slot
 
     def wait(self, slot: int) -> None:
-        """Until the greedy step in `slot` and the copy of its token are done."""
+        """Until the step in `slot` and the copy of its token are done."""
         self.cuda("cudaEventSynchronize", self.done[slot])
 
     def read_token(self, slot: int) -> int:
         self.wait(slot)
         return int(self.tokens_out[slot])
 
-    def _run(self, greedy: bool, tokens_after: int) -> None:
-        if greedy not in self.warm:  # a mode's first step runs plainly: kernels load and the allocator fills
-            self.warm.add(greedy)  # outside a capture
-            self._pending = self._enqueue(greedy)
+    def _run(self, mode: str, tokens_after: int) -> None:
+        if mode not in self.warm:  # a mode's first step runs plainly: kernels load and the allocator fills
+            self.warm.add(mode)  # outside a capture
+            self._pending = self._enqueue(mode)
             return
         self._pending = ()
-        key = (int(greedy),) + graph_key(tokens_after, self.page_size, self.pages_per_key, self.window)
+        key = (MODES.index(mode),) + graph_key(tokens_after, self.page_size, self.pages_per_key, self.window)
         if key in self.graphs:
             self.graphs.move_to_end(key)
         else:
-            self._capture(key, greedy)
+            self._capture(key, mode)
         self.cuda("cudaGraphLaunch", self.graphs[key][0], self.stream)
         self.counts["replays"] += 1
 
-    def _enqueue(self, greedy: bool) -> tuple[Any, ...]:
-        """The step's work on the stream: (token in,) the VM calls, then logits out or the greedy token into
+    def _enqueue(self, mode: str) -> tuple[Any, ...]:
+        """The step's work on the stream: (token in,) the VM calls, then logits out or the device's token into
         the token buffer for the next step."""
-        if not greedy:
+        if mode == "logits":
             self.cuda("cudaMemcpyAsync", self.token_ptr, self._token_in_ptr, 4, H2D, self.stream)
-        kept = self.run_step(greedy)
+        kept = self.run_step(mode)
         out = kept[0]
-        if greedy:
+        if mode in TOKEN_MODES:
             if str(out.dtype) != "int32" or int(np.prod(out.shape)) != 1:
-                raise UserError(f"argmax returned {out.dtype} {tuple(out.shape)}, expected one int32")
+                raise UserError(f"{mode} returned {out.dtype} {tuple(out.shape)}, expected one int32")
             self.cuda("cudaMemcpyAsync", self.token_ptr, out.data_ptr(), 4, D2D, self.stream)
             return kept
         if str(out.dtype) != "float32" or int(np.prod(out.shape)) != self.logits_out.size:
@@ -250,12 +258,12 @@ class StepGraph:
         self.cuda("cudaMemcpyAsync", self._logits_out_ptr, out.data_ptr(), self.logits_out.nbytes, D2H, self.stream)
         return kept
 
-    def _capture(self, key: tuple[int, ...], greedy: bool) -> None:
+    def _capture(self, key: tuple[int, ...], mode: str) -> None:
         t = time.perf_counter()
         graph = ctypes.c_void_p()
         self.cuda("cudaStreamBeginCapture", self.stream, CAPTURE_RELAXED)
         try:
-            kept = self._enqueue(greedy)
+            kept = self._enqueue(mode)
         except BaseException:  # KeyboardInterrupt included: a capture left open would break the stream
             self.cuda.lib.cudaStreamEndCapture(self.stream, ctypes.byref(graph))
             self.cuda.lib.cudaGetLastError()

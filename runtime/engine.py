@@ -61,8 +61,9 @@ class Engine:
         cuda_graph: replay each decode step from one CUDA graph (runtime/cuda_graph.py); None = where the
         artifact allows it (manifest cuda_graph.mode "decode-step"), True = required, False = never.
         overlap: with a step graph and an artifact that has `argmax`, greedy decoding (no repetition penalty)
-        picks tokens on the GPU and queues each step before the previous one is read (runtime/cuda_graph.py);
-        False synchronizes every step and samples on the host, as every other decoding does.
+        picks tokens on the GPU and queues each step before the previous one is read (runtime/cuda_graph.py),
+        and so does sampled decoding (no repetition penalty) where the artifact has `sample`; False
+        synchronizes every step and samples on the host, as every other decoding does.
         """
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder, verify=verify)
@@ -106,7 +107,7 @@ class Engine:
             # device, then the host (CPU); allocator 2 = pooled, so steady-state steps reuse buffers
             self.vm["vm_initialization"](dev_type, 0, 2, tvm_loader.DEVICE_TYPES["cpu"], 0, 2)
             self.fn = {name: self.vm[name] for name in m.functions
-                       if name in REQUIRED_FUNCTIONS + ("prefill_logits", "argmax")}
+                       if name in REQUIRED_FUNCTIONS + ("prefill_logits", "argmax", "sample")}
         except Exception as e:
             raise UserError(f"{lib_path}: not a Relax VM library with the artifact's functions ({e})") from None
 
@@ -131,6 +132,10 @@ class Engine:
                                    self._token_buf.data_ptr(), self.vocab, m.tvm_version,
                                    window=int(kv.get("layer_sliding_window", 0) or 0))
         self.overlap = bool(overlap) and self.graph is not None and "argmax" in self.fn
+        # sampled decoding on the device: [temperature, top_p, top_k, 0] and [seed, counter], read by the graph
+        self.overlap_sampling = self.overlap and "sample" in self.fn
+        if self.overlap_sampling:
+            self._sample_cfg, self._sample_rng = self.empty((4,), "float32"), self.empty((2,), "int32")
         self._logits_host = np.empty((self.vocab,), dtype=np.float32)
         self._tokenizer: Tokenizer | None = None
 
@@ -245,12 +250,23 @@ class Engine:
             out = self.fn[fn](self._embed(ids, self._token_buf if len(ids) == 1 else None), self.kv, self.params)
         return out
 
-    def _decode_calls(self, greedy: bool = False):
-        """One decode step's VM calls on the token in _token_buf: what a step graph captures; with `greedy`
-        the greedy token (int32 [1]) first."""
+    def _decode_calls(self, mode: str = "logits"):
+        """One decode step's VM calls on the token in _token_buf: what a step graph captures; mode "argmax" /
+        "sample" puts the token the device picks (int32 [1]) first."""
         x = self._embed_tensor(self._token_buf, 1)
         logits = self.fn["decode"](x, self.kv, self.params)
-        return (self.fn["argmax"](logits), logits, x) if greedy else (logits, x)
+        if mode == "argmax":
+            return self.fn["argmax"](logits), logits, x
+        if mode == "sample":
+            return self.fn["sample"](logits, self._sample_cfg, self._sample_rng), logits, x
+        return logits, x
+
+    def _set_sampling(self, p: SamplingParams) -> None:
+        """The device's sampling parameters for the next generation (no step is in flight: each generation
+        ends synchronized). The seed's draws repeat; without one, a fresh seed from the host's entropy."""
+        seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(2**31))
+        self.to_device(np.array([p.temperature, p.top_p, p.top_k, 0], np.float32), out=self._sample_cfg)
+        self.to_device(np.array([seed & 0x7FFFFFFF, 0], np.int32), out=self._sample_rng)
 
     def _graph_step(self, token: int) -> np.ndarray:
         with self._forward_of([token]):
@@ -258,26 +274,28 @@ class Engine:
             logits = self.graph.step(int(token), len(self.cached) + 1).copy()
         return logits
 
-    def _launch_greedy(self, token: int | None, after: int | None = None) -> int:
-        """Queue a greedy step on `token` (None: the one the step in slot `after` leaves on the device, which
-        `cached` holds as -1 until it is read). Returns the step's slot (StepGraph.read_token)."""
+    def _launch(self, token: int | None, after: int | None = None, mode: str = "argmax") -> int:
+        """Queue a step on `token` that picks the next one on the device (None: the one the step in slot
+        `after` leaves there, which `cached` holds as -1 until it is read). Returns the step's slot
+        (StepGraph.read_token)."""
         self._check_room(1)
         with self._forward_of([-1 if token is None else token]):
             if after is not None:  # the cache's page-table copy must not overwrite the table that step still reads
                 self.graph.wait(after)
             self._qpos(self.kv)
-            return self.graph.launch_greedy(len(self.cached) + 1, token)
+            return self.graph.launch_token(len(self.cached) + 1, token, mode)
 
-    def _decode_overlapped(self, token: int, n: int, stop_token_ids: set[int], stats: dict, t1: float) -> Iterator[int]:
-        """Up to n greedy tokens after `token`, each step queued before the previous one's token is read
-        (runtime/cuda_graph.py). The cache ends as the synchronized path leaves it: a step that went ahead on
-        the token that ended generation is popped again."""
-        queued = [self._launch_greedy(token)]  # slots of steps whose token is not read yet
+    def _decode_overlapped(self, token: int, n: int, stop_token_ids: set[int], stats: dict, t1: float,
+                           mode: str = "argmax") -> Iterator[int]:
+        """Up to n tokens after `token` picked on the device (mode "argmax" or "sample"), each step queued
+        before the previous one's token is read (runtime/cuda_graph.py). The cache ends as the synchronized
+        path leaves it: a step that went ahead on the token that ended generation is popped again."""
+        queued = [self._launch(token, mode=mode)]  # slots of steps whose token is not read yet
         produced = 0
         try:
             while queued:
                 if produced + 1 < n and len(self.cached) < self.context_length:
-                    queued.append(self._launch_greedy(None, after=queued[-1]))
+                    queued.append(self._launch(None, after=queued[-1], mode=mode))
                 token = self.graph.read_token(queued.pop(0))
                 if queued:
                     self.cached[-1] = token  # the input of the step queued after it
@@ -391,8 +409,12 @@ class Engine:
             if len(self.cached) >= self.context_length:
                 stats["finish_reason"] = "context"
                 break
-            if self.overlap and sampler.params.greedy and sampler.params.repetition_penalty == 1.0:
-                yield from self._decode_overlapped(token, max_new_tokens - i - 1, stop_token_ids, stats, t1)
+            p = sampler.params
+            if self.overlap and p.repetition_penalty == 1.0 and (p.greedy or self.overlap_sampling):
+                if not p.greedy:
+                    self._set_sampling(p)
+                yield from self._decode_overlapped(token, max_new_tokens - i - 1, stop_token_ids, stats, t1,
+                                                   "argmax" if p.greedy else "sample")
                 return
             logits = self.decode(token)
             stats["decode_steps"] += 1

@@ -170,8 +170,8 @@ def test_step_graph_captures_once_per_aux_layout_and_moves_token_and_logits():
     token_dev = np.zeros(1, dtype=np.int32)
     calls = []
 
-    def run_step(greedy):  # "the VM": logits that depend on how often it ran
-        assert not greedy
+    def run_step(mode):  # "the VM": logits that depend on how often it ran
+        assert mode == "logits"
         calls.append(int(token_dev[0]))
         return (_FakeTensor(np.arange(vocab, dtype=np.float32) + 100 * len(calls)),)
 
@@ -221,7 +221,7 @@ def test_step_graph_capture_errors_end_the_capture_and_keep_no_graph():
     cuda = _FakeCuda()
     token_dev = np.zeros(1, dtype=np.int32)
     outputs = iter([np.zeros(4, np.float32), np.zeros(4, np.float16)])
-    g = StepGraph(cuda, 1, 16, lambda greedy: (_FakeTensor(next(outputs)),), token_dev.ctypes.data, 4)
+    g = StepGraph(cuda, 1, 16, lambda mode: (_FakeTensor(next(outputs)),), token_dev.ctypes.data, 4)
     g.step(1, 2)
     with pytest.raises(RuntimeUserError, match="decode returned float16 .4,., expected float32 logits of 4"):
         g.step(2, 3)  # the capture sees the wrong logits: ended, nothing instantiated, no key
@@ -238,26 +238,26 @@ def test_greedy_steps_feed_each_other_and_return_their_tokens_in_turn():
     picked = np.zeros(1, dtype=np.int32)  # "argmax's output": the step's input + 1, written when the VM runs
     runs = []
 
-    def run_step(greedy):
-        assert greedy
+    def run_step(mode):
+        assert mode == "argmax"
         runs.append(int(token_dev[0]))
         picked[0] = token_dev[0] + 1
         return (_FakeTensor(picked), _FakeTensor(np.zeros(4, np.float32)))
 
     g = StepGraph(cuda, 1, 16, run_step, token_dev.ctypes.data, 4, tvm_version="0.27.0.post1")
-    a = g.launch_greedy(20, token=5)  # warm-up: runs plainly
+    a = g.launch_token(20, token=5)  # warm-up: runs plainly
     assert runs == [5] and int(token_dev[0]) == 6 and g.read_token(a) == 6
-    b = g.launch_greedy(21)  # captured: the VM runs once more (on the token step a left), then the graph's copies
+    b = g.launch_token(21)  # captured: the VM runs once more (on the token step a left), then the graph's copies
     assert runs == [5, 6] and int(token_dev[0]) == 7 and g.read_token(b) == 7 and b != a
     # the fake replays a graph's copies only (what its kernels wrote stays as the capture left it): the
     # greedy token goes to the device buffer the next step embeds and to the other pinned slot
     picked[0] = 9
-    c = g.launch_greedy(22)
+    c = g.launch_token(22)
     assert c == a and runs == [5, 6] and int(token_dev[0]) == 9 and g.read_token(c) == 9 and g.read_token(b) == 7
     # the graph does not copy a token in: a step reads what the step before left on the device
     (key,) = g.graphs
     assert key == (1, 1) and all(op[1] != g._token_in_ptr for op in cuda.execs[g.graphs[key][0].value])
     # a new generation's first token comes from the host, copied before the graph runs
     cuda.log.clear()
-    g.launch_greedy(23, token=40)
+    g.launch_token(23, token=40)
     assert g.token_in[0] == 40 and cuda.log.index("cudaMemcpyAsync") < cuda.log.index("cudaGraphLaunch")

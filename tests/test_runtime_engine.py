@@ -369,10 +369,11 @@ def test_a_failed_forward_forgets_the_sequence(engine):
 
 
 class _HostStepGraph:
-    """StepGraph's overlapped-greedy interface run at once on the CPU: each queued step's VM calls (decode, then
-    the artifact's argmax into the token buffer) run when it is launched. The engine's side of overlapped decode
-    (one step ahead, the token filled in later, the rollback of a step gone ahead) is then checked without a GPU;
-    the GPU's stream and event ordering is checked on the device (benchmarks/e2e.py device-graph)."""
+    """StepGraph's overlapped-decode interface run at once on the CPU: each queued step's VM calls (decode, then
+    the artifact's argmax, or for "sample" tvm_kernels.sample.reference standing in for the CUDA-only kernel,
+    into the token buffer) run when it is launched. The engine's side of overlapped decode (one step ahead, the
+    token filled in later, the rollback of a step gone ahead, the sampling state) is then checked without a
+    GPU; the GPU's stream and event ordering is checked on the device (benchmarks/e2e.py device-graph)."""
 
     def __init__(self, eng):
         self.eng, self.tokens, self.slot = eng, {}, 0
@@ -380,12 +381,20 @@ class _HostStepGraph:
     def wait(self, slot):
         assert slot in self.tokens
 
-    def launch_greedy(self, tokens_after, token=None):
+    def launch_token(self, tokens_after, token=None, mode="argmax"):
+        from tvm_kernels.sample import reference
+
         e = self.eng
         assert tokens_after == len(e.cached) + 1  # the sequence once this step is done (`cached` grows after)
         if token is not None:
             e.to_device(np.array([token], np.int32), e._token_buf)
-        tok = e.to_host(e._decode_calls(greedy=True)[0])
+        if mode == "argmax":
+            tok = e.to_host(e._decode_calls("argmax")[0])
+        else:
+            logits = e.to_host(e._decode_calls("logits")[0]).reshape(-1)
+            cfg, rng = e.to_host(e._sample_cfg), e.to_host(e._sample_rng)
+            tok = np.array([reference(logits, cfg[0], int(cfg[2]), cfg[1], int(rng[0]), int(rng[1]))], np.int32)
+            e.to_device(rng + np.array([0, 1], np.int32), e._sample_rng)  # the kernel advances the counter
         e.to_device(tok, e._token_buf)  # what the graph's device-to-device copy does
         slot, self.slot = self.slot, self.slot ^ 1
         self.tokens[slot] = int(tok[0])
@@ -437,3 +446,34 @@ def test_overlapped_greedy_stops_at_the_context(engine, overlapped):
         res.append((list(eng.generate_ids(ids, 20, stop_token_ids=set(), stats=stats)), stats["finish_reason"],
                     len(eng.cached)))
     assert res[0] == res[1] and res[0][1] == "context" and res[0][2] == CONTEXT
+
+
+def test_overlapped_sampling_draws_per_step_and_rolls_back(engine, overlapped):
+    """Sampled decoding through the device's `sample` (its numpy reference here): the host draws the first
+    token, then step i draws with counter i of the seed; a seed repeats its tokens; a generation the consumer
+    ends early leaves the cache as the synchronized path does."""
+    from runtime.sampling import Sampler, SamplingParams
+    from tvm_kernels.sample import reference
+
+    overlapped.overlap_sampling = True
+    overlapped._sample_cfg, overlapped._sample_rng = overlapped.empty((4,), "float32"), overlapped.empty((2,), "int32")
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=3)
+    prompt = engine.prompt_ids(PROMPT)
+    a = list(overlapped.generate_ids(prompt, 12, params, stop_token_ids=set()))
+    assert a == list(overlapped.generate_ids(prompt, 12, params, stop_token_ids=set()))
+    expect = [Sampler(params)(engine.prefill(prompt))]
+    for i in range(11):
+        expect.append(reference(engine.decode(expect[-1]), 0.9, 40, 0.9, 3, i))
+    assert a == expect
+    gen, toks = overlapped.generate_ids(prompt, 12, params, stop_token_ids=set()), []
+    for t in gen:
+        toks.append(t)
+        if len(toks) == 5:
+            gen.close()
+    assert toks == a[:5] and overlapped.cached == prompt + a[:4]
+    engine.reset()
+    engine.prefill(prompt)
+    for t in a[:4]:  # the cache as synchronized decoding of the same tokens leaves it
+        engine.decode(t)
+    extra = engine.prompt_ids(" and the capital of Italy is")
+    np.testing.assert_array_equal(engine.prefill(overlapped.cached + extra), overlapped.prefill(overlapped.cached + extra))

@@ -1,0 +1,59 @@
+"""The device sampler's numpy reference (tvm_kernels/sample.py) against the host sampler's rules, its
+noise, and the CUDA builds. The kernel itself runs on the GPU machine against this reference
+(benchmarks/e2e.py device-graph -> benchmarks/results/cuda_graph_sample_h100.json)."""
+import numpy as np
+import pytest
+
+from runtime.sampling import softmax, top_k_filter, top_p_filter
+from tests.cuda_build import build_and_check_cubin
+from tvm_kernels.errors import UserError
+from tvm_kernels.sample import gumbel, reference, sample, survivors
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (0, 0.9), (50, 1.0), (40, 0.95), (1, 1.0), (0, 0.01)])
+def test_survivors_are_the_host_rules(scale, top_k, top_p):
+    rng = np.random.default_rng(int(scale * 10) + top_k)
+    x = (rng.standard_normal(5000) * scale).astype(np.float32)
+    x[rng.integers(0, 5000, 6)] = x.max()  # ties at the top
+    host = np.isfinite(top_p_filter(top_k_filter(x / np.float32(0.7), top_k), top_p))
+    np.testing.assert_array_equal(survivors(x, 0.7, top_k, top_p), host)
+
+
+def test_noise_is_gumbel_and_repeats_per_seed_and_step():
+    g = gumbel(7, 0, 200000)
+    assert g.dtype == np.float32 and np.isfinite(g).all()
+    np.testing.assert_array_equal(g, gumbel(7, 0, 200000))
+    assert not np.array_equal(g[:100], gumbel(7, 1, 100)) and not np.array_equal(g[:100], gumbel(8, 0, 100))
+    # Gumbel(0, 1): mean = Euler's gamma, variance = pi^2 / 6
+    assert abs(g.mean() - 0.5772) < 0.01 and abs(g.var() - np.pi ** 2 / 6) < 0.03
+
+
+def test_draws_follow_the_filtered_softmax():
+    x = (np.random.default_rng(1).standard_normal(300) * 2).astype(np.float32)
+    keep = survivors(x, 1.3, 30, 0.9)
+    probs = softmax(np.where(keep, x / np.float32(1.3), -np.inf))
+    draws = np.array([reference(x, 1.3, 30, 0.9, seed=5, counter=c) for c in range(20000)])
+    assert keep[draws].all()
+    freq = np.bincount(draws, minlength=x.size) / draws.size
+    np.testing.assert_allclose(freq[keep], probs[keep], atol=0.012)
+
+
+def test_nan_logits_are_never_drawn():
+    x = np.array([1.0, np.nan, 0.5, np.nan], np.float32)
+    assert {reference(x, 1.0, 0, 1.0, 0, c) for c in range(200)} == {0, 2}
+
+
+def test_bad_input_is_one_line_error():
+    with pytest.raises(UserError, match="vocabulary size"):
+        sample(0, "cuda-sm90")
+    with pytest.raises(UserError, match="not a CUDA target"):
+        sample(100, "cpu")
+
+
+@pytest.mark.parametrize("target,arch", [("cuda-sm90", "sm_90"), ("jetson-orin", "sm_87")])
+def test_cuda_sample_builds(tmp_path, target, arch):
+    build_and_check_cubin(tmp_path, target, arch, """
+        from tvm_kernels.sample import sample
+        funcs = {"sample_49152": sample(49152, t), "sample_100": sample(100, t), "sample_262144": sample(262144, t)}
+    """)

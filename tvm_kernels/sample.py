@@ -1,0 +1,268 @@
+"""A sampled token on the device: temperature, top-k, top-p and the draw over one row of logits.
+
+Why it exists: like the greedy argmax (tvm_kernels/argmax.py), a token picked on the GPU lets a decode
+step's graph feed the next step itself, so sampled decoding overlaps too (runtime/cuda_graph.py) and the
+host never copies the logits out nor sorts the vocabulary.
+
+Signature: (logits f32[1, 1, V], cfg f32[4] = [temperature, top_p, top_k, unused],
+rng i32[2] = [seed, counter], out i32[1]). The kernel increments rng[1], so each replay of a captured
+graph draws afresh and a given seed gives the same tokens every time.
+
+Semantics are runtime/sampling.py's (Hugging Face's order): z = logits / temperature; top-k keeps the k
+largest z and any tied with the k-th; top-p keeps, in the order of decreasing probability (lower id first
+among equals), each token whose mass before it is below top_p, renormalized over the top-k survivors; the
+draw is Gumbel-max, argmax(z + g) over the survivors with g = -log(-log(u)), which picks token i with
+probability softmax(z)_i among them. u comes from a counter-based hash of (seed, counter, token id), so
+the draws differ from the host sampler's (numpy's generator) for the same seed, not their distribution.
+Sums are float32 here and float64 in the host's rules: top-p's cut can differ where a token's mass before
+it is within float32 rounding of top_p. NaN logits count as -inf.
+
+CUDA: one block (the row is in L2; SmolLM2's 49152 logits are 48 per thread, held in registers). Each
+thread keeps its share of z; the thresholds are found by bisection over the bits of an order-preserving
+integer key of z, 32 rounds of one block-wide sum each (count for top-k, probability mass for top-p),
+and a top-p cut inside a group of equal values by a bisection over token ids. The draw is a max-reduce
+of (score, id) packed in a 64-bit key, as argmax does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tvm_kernels.argmax import _key, threads
+from tvm_kernels.errors import UserError
+from tvm_kernels.targets import DeviceTarget, get_target
+
+UNROLL = 64  # up to this many logits per thread are held in registers (V <= 65536 at 1024 threads)
+
+
+def _hash32(x):
+    """lowbias32 (C. Wellons): a bijective mix of 32-bit words; numpy uint32 arrays or TIR uint32 expressions."""
+    if isinstance(x, np.ndarray):
+        x = x.astype(np.uint32)
+        with np.errstate(over="ignore"):
+            x ^= x >> np.uint32(16)
+            x *= np.uint32(0x7FEB352D)
+            x ^= x >> np.uint32(15)
+            x *= np.uint32(0x846CA68B)
+            x ^= x >> np.uint32(16)
+        return x
+    from tvm import tirx
+
+    u = lambda c: tirx.const(c, "uint32")  # noqa: E731
+    x = x ^ (x >> u(16))
+    x = x * u(0x7FEB352D)
+    x = x ^ (x >> u(15))
+    x = x * u(0x846CA68B)
+    return x ^ (x >> u(16))
+
+
+def gumbel(seed: int, counter: int, vocab: int) -> np.ndarray:
+    """The kernel's noise for one draw, float32 [vocab]."""
+    step = _hash32(np.array([np.uint32(seed) ^ _hash32(np.array([counter], np.uint32))[0]], np.uint32))[0]
+    h = _hash32(np.arange(vocab, dtype=np.uint32) ^ step)
+    u = ((h >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+    return (-np.log(-np.log(u))).astype(np.float32)
+
+
+def survivors(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The rules over the whole vocabulary (sorting, float64), as a boolean mask of the tokens a draw may pick."""
+    z = np.asarray(logits, np.float32).reshape(-1) / np.float32(temperature)
+    z = np.where(np.isnan(z), -np.inf, z)
+    keep = np.ones(z.size, bool)
+    if 0 < top_k < z.size:
+        keep = z >= np.partition(z, -top_k)[-top_k]
+    if top_p < 1.0:
+        w = np.where(keep, np.exp(z.astype(np.float64) - z[keep].max()), 0.0)
+        w /= w.sum()
+        order = np.argsort(-w, kind="stable")
+        before = np.cumsum(w[order]) - w[order]
+        cut = np.zeros(z.size, bool)
+        cut[order[before < top_p]] = True
+        keep &= cut
+    return keep
+
+
+def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, seed: int, counter: int) -> int:
+    """numpy: the token the kernel draws (Gumbel-max over `survivors` with the kernel's noise)."""
+    z = np.asarray(logits, np.float32).reshape(-1) / np.float32(temperature)
+    score = np.where(survivors(logits, temperature, top_k, top_p), z + gumbel(seed, counter, z.size), -np.inf)
+    return int(np.argmax(np.where(np.isnan(score), -np.inf, score)))
+
+
+def sample(vocab: int, target: "str | DeviceTarget"):
+    """PrimFunc(logits f32[1, 1, vocab], cfg f32[4], rng i32[2], out i32[1]) for a CUDA target."""
+    if vocab <= 0 or vocab >= 2**31 - 1:
+        raise UserError(f"sample: vocabulary size must be in 1..2^31-2, got {vocab}")
+    dt = get_target(target)
+    if not dt.is_cuda:
+        raise UserError(f"sample: target {dt.name} is not a CUDA target (the CPU runtime samples on the host)")
+    return _cuda(vocab, dt).with_attr("tirx.is_scheduled", True)
+
+
+def _ordered(z):
+    """float32 -> uint32 that orders like the float (-0.0 as +0.0, NaN lowest)."""
+    from tvm import tirx
+
+    u = tirx.reinterpret("uint32", tirx.Select(z == tirx.const(0, "float32"), tirx.const(0, "float32"), z))
+    key = tirx.Select(u >= tirx.const(0x80000000, "uint32"), ~u, u | tirx.const(0x80000000, "uint32"))
+    return tirx.Select(tirx.isnan(z), tirx.const(0, "uint32"), key)
+
+
+def _unordered(k):
+    """_ordered's inverse."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", tirx.Select(k >= tirx.const(0x80000000, "uint32"),
+                                                   k ^ tirx.const(0x80000000, "uint32"), ~k))
+
+
+def _cuda(V: int, dt: DeviceTarget):
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    TX = threads(V, dt.max_threads_per_block)
+    S = -(-V // TX)
+    scan = T.unroll if S <= UNROLL else T.serial
+    IB = max(1, int(V - 1).bit_length())  # bits of a token id
+    NEG = T.float32("-inf")
+
+    def noise(i, step):
+        h = _hash32(tirx.Cast("uint32", i) ^ step)
+        u = (tirx.Cast("float32", h >> tirx.const(8, "uint32")) + tirx.const(0.5, "float32")) * tirx.const(2.0 ** -24, "float32")
+        return -tirx.log(-tirx.log(u))
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(logits: T.Buffer((1, 1, V), "float32"), cfg: T.Buffer((4,), "float32"),
+               rng: T.Buffer((2,), "int32"), out: T.Buffer((1,), "int32")):
+        T.func_attr({"tirx.noalias": True})
+        with T.sblock("root"):
+            z = T.sblock_alloc_buffer((S,), "float32", scope="local")
+            # one-element buffers for the reductions (the lowering wants them at index 0, each result its own)
+            fa = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            na = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            qa = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+            r_max = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            r_cnt = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            r_tot = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            r_mass = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            r_above = T.sblock_alloc_buffer((1,), "float32", scope="local")
+            r_ties = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            r_ids = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            r_draw = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+            f = T.sblock_alloc_buffer((8,), "float32", scope="local")  # 2 max 3 Z 4 p*Z 5 above
+            n = T.sblock_alloc_buffer((4,), "int32", scope="local")  # 1 ties at the cut 2 id limit there 3 kept
+            k = T.sblock_alloc_buffer((4,), "uint32", scope="local")  # 0 kth 1 cut 2 probe 3 step
+            for bx in T.thread_binding(1, thread="blockIdx.x"):
+                for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                    with T.sblock("sample"):
+                        T.reads(logits[0, 0, 0:V], cfg[0:4], rng[0:2])
+                        T.writes(out[0], rng[1])
+                        k[3] = _hash32(T.Cast("uint32", rng[0]) ^ _hash32(T.Cast("uint32", rng[1])))
+                        fa[0] = NEG
+                        for s in scan(S):
+                            z[s] = NEG
+                            if s * TX + tx < V:
+                                z[s] = logits[0, 0, s * TX + tx] / cfg[0]
+                                if T.isnan(z[s]):
+                                    z[s] = NEG
+                            fa[0] = T.max(fa[0], z[s])
+                        with T.sblock("max"):
+                            T.reads(fa[0])
+                            T.writes(r_max[0])
+                            T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [NEG]), "reduce_scope", T.int32(0))
+                            T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_max[0], tx, dtype="void")
+                        f[2] = r_max[0]
+                        # top-k: the largest key with at least k keys >= it (padding is -inf: key below any real)
+                        k[0] = T.uint32(0)
+                        if 0 < T.Cast("int32", cfg[2]) and T.Cast("int32", cfg[2]) < V:
+                            for b in T.serial(32):
+                                k[2] = k[0] | (T.uint32(0x80000000) >> T.Cast("uint32", b))
+                                na[0] = 0
+                                for s in scan(S):
+                                    if s * TX + tx < V and _ordered(z[s]) >= k[2]:
+                                        na[0] = na[0] + 1
+                                with T.sblock("count_k"):
+                                    T.reads(na[0])
+                                    T.writes(r_cnt[0])
+                                    T.attr(T.comm_reducer(lambda a, b: a + b, [T.int32(0)]), "reduce_scope", T.int32(0))
+                                    T.tvm_thread_allreduce(T.uint32(1), na[0], True, r_cnt[0], tx, dtype="void")
+                                if r_cnt[0] >= T.Cast("int32", cfg[2]):
+                                    k[0] = k[2]
+                        fa[0] = T.float32(0)
+                        for s in scan(S):
+                            if s * TX + tx < V and _ordered(z[s]) >= k[0]:
+                                fa[0] = fa[0] + T.exp(z[s] - f[2])
+                        with T.sblock("total"):
+                            T.reads(fa[0])
+                            T.writes(r_tot[0])
+                            T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
+                            T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_tot[0], tx, dtype="void")
+                        f[3] = r_tot[0]
+                        k[1] = k[0]
+                        n[2] = V
+                        if cfg[1] < T.float32(1):
+                            f[4] = cfg[1] * f[3]
+                            # the largest key whose survivors at or above it hold at least top_p of the mass
+                            for b in T.serial(32):
+                                k[2] = k[1] | (T.uint32(0x80000000) >> T.Cast("uint32", b))
+                                fa[0] = T.float32(0)
+                                for s in scan(S):
+                                    if s * TX + tx < V and _ordered(z[s]) >= k[0] and _ordered(z[s]) >= k[2]:
+                                        fa[0] = fa[0] + T.exp(z[s] - f[2])
+                                with T.sblock("mass_p"):
+                                    T.reads(fa[0])
+                                    T.writes(r_mass[0])
+                                    T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                    T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_mass[0], tx, dtype="void")
+                                if r_mass[0] >= f[4]:
+                                    k[1] = k[2]
+                            # the mass strictly above the cut's value, and how many share that value
+                            fa[0] = T.float32(0)
+                            na[0] = 0
+                            for s in scan(S):
+                                if s * TX + tx < V and _ordered(z[s]) > k[1]:
+                                    fa[0] = fa[0] + T.exp(z[s] - f[2])
+                                if s * TX + tx < V and _ordered(z[s]) == k[1]:
+                                    na[0] = na[0] + 1
+                            with T.sblock("above"):
+                                T.reads(fa[0])
+                                T.writes(r_above[0])
+                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_above[0], tx, dtype="void")
+                            with T.sblock("ties"):
+                                T.reads(na[0])
+                                T.writes(r_ties[0])
+                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.int32(0)]), "reduce_scope", T.int32(0))
+                                T.tvm_thread_allreduce(T.uint32(1), na[0], True, r_ties[0], tx, dtype="void")
+                            f[5] = r_above[0]
+                            n[1] = r_ties[0]
+                            # equal values keep their lowest ids while the mass before them is below top_p
+                            n[3] = T.max(1, T.min(n[1], T.Cast("int32", T.ceil((f[4] - f[5]) / T.exp(_unordered(k[1]) - f[2])))))
+                            if n[3] < n[1]:
+                                n[2] = 0
+                                for b in T.serial(IB):
+                                    na[0] = 0
+                                    for s in scan(S):
+                                        if s * TX + tx < V and _ordered(z[s]) == k[1] and s * TX + tx < (n[2] | (1 << (IB - 1 - b))):
+                                            na[0] = na[0] + 1
+                                    with T.sblock("tie_ids"):
+                                        T.reads(na[0])
+                                        T.writes(r_ids[0])
+                                        T.attr(T.comm_reducer(lambda a, b: a + b, [T.int32(0)]), "reduce_scope", T.int32(0))
+                                        T.tvm_thread_allreduce(T.uint32(1), na[0], True, r_ids[0], tx, dtype="void")
+                                    if r_ids[0] < n[3]:
+                                        n[2] = n[2] | (1 << (IB - 1 - b))
+                        # Gumbel-max over the survivors: (score, id) as one key, lowest id among equal scores
+                        qa[0] = T.uint64(0)
+                        for s in scan(S):
+                            if s * TX + tx < V and (_ordered(z[s]) > k[1] or (_ordered(z[s]) == k[1] and s * TX + tx <= n[2])):
+                                qa[0] = T.max(qa[0], _key(z[s] + noise(s * TX + tx, k[3]), s * TX + tx))
+                        with T.sblock("draw"):
+                            T.reads(qa[0])
+                            T.writes(r_draw[0])
+                            T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
+                            T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_draw[0], tx, dtype="void")
+                        if tx == 0:
+                            out[0] = T.Cast("int32", T.uint32(0xFFFFFFFF) - T.Cast("uint32", r_draw[0] & T.uint64(0xFFFFFFFF)))
+                            rng[1] = rng[1] + 1
+
+    return kernel
