@@ -561,7 +561,8 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
     from tvm_kernels.sample import reference, survivors
 
     rng, V, out = np.random.default_rng(3), ov.vocab, []
-    settings = [(1.0, 0, 1.0), (0.7, 50, 1.0), (0.7, 0, 0.9), (0.9, 40, 0.95), (1.0, 1, 1.0), (0.5, 0, 0.5)]
+    settings = [(1.0, 0, 1.0), (0.7, 50, 1.0), (0.7, 0, 0.9), (0.9, 40, 0.95), (1.0, 1, 1.0), (0.5, 0, 0.5),
+                (0.8, 50, 0.95), (1.0, 100, 0.5), (1.2, 7, 0.99)]
     wrong, outside, counters, n = [], 0, True, 0
     for scale in (0.3, 3.0, 30.0):
         for j in range(4):
@@ -570,6 +571,8 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
                 x[rng.choice(V, 5, replace=False)] = x.max()
             if j == 2:
                 x[rng.choice(V, 40, replace=False)] = np.nan
+            if j == 3:  # a dominant group of equal values: top-p cuts inside it (the lowest ids stay)
+                x[rng.choice(V, 20, replace=False)] = x.max() + 8
             for T, k, p in settings:
                 seed, counter = int(rng.integers(2**31)), int(rng.integers(1000))
                 tok, after = _sample_row(ov, x, (T, p, k), seed, counter)
@@ -605,20 +608,31 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=11)
     a = list(ov.generate_ids(prompt, steps, params, stop_token_ids=set()))
     again = list(ov.generate_ids(prompt, steps, params, stop_token_ids=set()))
-    expect = [Sampler(params)(ref.prefill(prompt))]
-    for i in range(len(a) - 1):
-        expect.append(reference(ref.decode(expect[-1]), 0.8, 50, 0.95, 11, i))
+    expect, logits = [Sampler(params)(ref.prefill(prompt))], []
+    for i in range(len(a) - 1):  # the reference's draws on the device's logits of the tokens drawn so far
+        logits.append(ref.decode(a[i]))
+        expect.append(reference(logits[-1], 0.8, 50, 0.95, 11, i))
     same = [x == y for x, y in zip(a, expect)]
     row = {"case": "sampled generation", "tokens": len(a), "seed_repeats": a == again,
-           "tokens_equal_reference": int(sum(same)), "first_difference": same.index(False) if not all(same) else None,
-           "distinct_tokens": len(set(a))}
+           "tokens_equal_reference": int(sum(same)), "distinct_tokens": len(set(a)), "differences": []}
+    for i in [i for i, e in enumerate(same) if not e][:5]:  # why: the kernel on that very row, the two tokens' odds
+        x = logits[i - 1]
+        keep = survivors(x, 0.8, 50, 0.95)
+        z = x.astype(np.float64) / 0.8
+        pr = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+        pr /= pr.sum()
+        row["differences"].append({
+            "step": i, "got": a[i], "expected": expect[i], "kernel_on_that_row": _sample_row(ov, x, (0.8, 0.95, 50), 11, i - 1)[0],
+            "survivors": int(keep.sum()), "got_in_survivors": bool(keep[a[i]]), "p_got": float(pr[a[i]]),
+            "p_expected": float(pr[expect[i]]), "mass_before_got": float(pr[pr > pr[a[i]]].sum()),
+            "mass_before_expected": float(pr[pr > pr[expect[i]]].sum()),
+            "score_gap": float((z[a[i]] - z[expect[i]]))})
     gen, toks = ov.generate_ids(prompt, steps, params, stop_token_ids=set()), []
     for t in gen:
         toks.append(t)
         if len(toks) == 25:
             gen.close()
-    ref.reset()
-    ref.prefill(prompt)
+    ref.prefill(prompt)  # (no reset: both engines then prefill the prompt's last token alone, as generate did)
     for t in toks[:24]:  # the cache as synchronized decoding of the same tokens leaves it
         ref.decode(t)
     extra = _random_prompt(ref, 23, 99)

@@ -202,6 +202,8 @@ def _cuda(V: int, dt: DeviceTarget):
                         if cfg[1] < T.float32(1):
                             f[4] = cfg[1] * f[3]
                             # the largest key whose survivors at or above it hold at least top_p of the mass
+                            # (a bisection from 0: the result is at least kth, where all of the mass lies above)
+                            k[1] = T.uint32(0)
                             for b in T.serial(32):
                                 k[2] = k[1] | (T.uint32(0x80000000) >> T.Cast("uint32", b))
                                 fa[0] = T.float32(0)
