@@ -57,3 +57,27 @@ def test_cuda_sample_builds(tmp_path, target, arch):
         from tvm_kernels.sample import sample
         funcs = {"sample_49152": sample(49152, t), "sample_100": sample(100, t), "sample_262144": sample(262144, t)}
     """)
+
+
+def test_rejection_rounds_for_a_small_nucleus_of_a_flat_row():
+    # top_p 0.05 of a flat row: a first draw is kept only ~5% of the time; the rounds that follow draw among
+    # the tokens ahead of each miss, and what is kept must still follow the nucleus' renormalized softmax
+    x = (np.random.default_rng(2).standard_normal(2000) * 0.5).astype(np.float32)
+    keep = survivors(x, 1.0, 0, 0.05)
+    probs = softmax(np.where(keep, x, -np.inf))
+    draws = np.array([reference(x, 1.0, 0, 0.05, seed=1, counter=c) for c in range(6000)])
+    assert keep[draws].all() and keep.sum() > 20
+    freq = np.bincount(draws, minlength=x.size) / draws.size
+    np.testing.assert_allclose(freq[keep], probs[keep], atol=0.01)
+
+
+def test_noise_is_finite_at_the_ends_of_the_hash():
+    from tvm_kernels.sample import _hash32, _round_key
+
+    # ids whose hash is the largest / smallest 23-bit value: u stays inside (0, 1), the noise finite
+    key = _round_key(7, 0, 0)
+    h = _hash32(np.arange(1 << 20, dtype=np.uint32) ^ key) >> np.uint32(9)
+    g = gumbel(7, 0, 1 << 20)
+    assert np.isfinite(g[h == h.max()]).all() and np.isfinite(g[h == h.min()]).all()
+    u = (np.float32((1 << 23) - 1) + np.float32(0.5)) * np.float32(2.0 ** -23)
+    assert u < 1 and np.isfinite(-np.log(-np.log(u)))

@@ -10,18 +10,20 @@ graph draws afresh and a given seed gives the same tokens every time.
 
 Semantics are runtime/sampling.py's (Hugging Face's order): z = logits / temperature; top-k keeps the k
 largest z and any tied with the k-th; top-p keeps, in the order of decreasing probability (lower id first
-among equals), each token whose mass before it is below top_p, renormalized over the top-k survivors; the
-draw is Gumbel-max, argmax(z + g) over the survivors with g = -log(-log(u)), which picks token i with
-probability softmax(z)_i among them. u comes from a counter-based hash of (seed, counter, token id), so
-the draws differ from the host sampler's (numpy's generator) for the same seed, not their distribution.
-Sums are float32 here and float64 in the host's rules: top-p's cut can differ where a token's mass before
-it is within float32 rounding of top_p. NaN logits count as -inf.
+among equals), each token whose mass before it is below top_p of the top-k survivors' mass. The draw is
+Gumbel-max: argmax(z + g) over a set of candidates, g = -log(-log(u)), picks token i with probability
+softmax(z)_i within the set. u comes from a counter-based hash of (seed, counter, round, token id), so
+draws differ from the host sampler's (numpy's generator) for the same seed, not their distribution.
+Top-p is rejection sampling (as FlashInfer's sampler): draw among the top-k survivors; the token is kept
+if the mass ahead of it is below top_p, else every candidate from it on is past the nucleus too, and the
+draw repeats among those ahead of it. A kept draw is distributed as the nucleus renormalized; a draw is
+kept with probability at least top_p, so one or two rounds are the rule (after ROUNDS misses, which would
+take a vanishing chance, the most likely token). Sums are float32 here and float64 in the reference:
+top-p's verdict can differ where a mass is within float32 rounding of top_p. NaN logits count as -inf.
 
-CUDA: one block (the row is in L2; SmolLM2's 49152 logits are 48 per thread, held in registers). Each
-thread keeps its share of z; the thresholds are found by bisection over the bits of an order-preserving
-integer key of z, 32 rounds of one block-wide sum each (count for top-k, probability mass for top-p),
-and a top-p cut inside a group of equal values by a bisection over token ids. The draw is a max-reduce
-of (score, id) packed in a 64-bit key, as argmax does.
+CUDA: one block (the row is in L2; 48 logits per thread for SmolLM2's 49152). Top-k's threshold is found
+by bisection over the bits of an order-preserving integer key of z: 32 block-wide counts. Each draw is a
+max-reduce of (score, id) packed in a 64-bit key, as argmax does, and each top-p verdict one block-wide sum.
 """
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ from tvm_kernels.argmax import _key, threads
 from tvm_kernels.errors import UserError
 from tvm_kernels.targets import DeviceTarget, get_target
 
-UNROLL = 64  # up to this many logits per thread are held in registers (V <= 65536 at 1024 threads)
+UNROLL = 64  # scans up to this many logits per thread are unrolled (V <= 65536 at 1024 threads)
+ROUNDS = 64  # top-p draws at most this many times (a draw is accepted with probability >= top_p, and
+# each miss narrows the candidates to the tokens ahead of it)
+ROUND_STRIDE = 0x9E3779B9  # a draw round's offset into the hash
 
 
 def _hash32(x):
@@ -55,11 +60,17 @@ def _hash32(x):
     return x ^ (x >> u(16))
 
 
-def gumbel(seed: int, counter: int, vocab: int) -> np.ndarray:
-    """The kernel's noise for one draw, float32 [vocab]."""
-    step = _hash32(np.array([np.uint32(seed) ^ _hash32(np.array([counter], np.uint32))[0]], np.uint32))[0]
-    h = _hash32(np.arange(vocab, dtype=np.uint32) ^ step)
-    u = ((h >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+def _round_key(seed: int, counter: int, r: int) -> np.uint32:
+    step = _hash32(np.array([np.uint32(seed & 0xFFFFFFFF) ^ _hash32(np.array([counter], np.uint32))[0]], np.uint32))[0]
+    return _hash32(np.array([step ^ np.uint32((r * ROUND_STRIDE) & 0xFFFFFFFF)], np.uint32))[0]
+
+
+def gumbel(seed: int, counter: int, vocab: int, r: int = 0) -> np.ndarray:
+    """The kernel's noise for draw round r of one step, float32 [vocab]."""
+    h = _hash32(np.arange(vocab, dtype=np.uint32) ^ _round_key(seed, counter, r))
+    # 23 bits: u in [2^-24, 1 - 2^-24], both ends exact in float32 (with 24 bits the top value rounds to 1.0,
+    # whose noise is +inf: a token drawn regardless of its logit)
+    u = ((h >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
     return (-np.log(-np.log(u))).astype(np.float32)
 
 
@@ -82,10 +93,22 @@ def survivors(logits: np.ndarray, temperature: float, top_k: int, top_p: float) 
 
 
 def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, seed: int, counter: int) -> int:
-    """numpy: the token the kernel draws (Gumbel-max over `survivors` with the kernel's noise)."""
+    """numpy: the token the kernel draws, by the kernel's steps (float64 sums where it sums in float32)."""
     z = np.asarray(logits, np.float32).reshape(-1) / np.float32(temperature)
-    score = np.where(survivors(logits, temperature, top_k, top_p), z + gumbel(seed, counter, z.size), -np.inf)
-    return int(np.argmax(np.where(np.isnan(score), -np.inf, score)))
+    z = np.where(np.isnan(z), -np.inf, z)
+    ids = np.arange(z.size)
+    cand = survivors(logits, temperature, top_k, 1.0)  # top-k: exact, as the kernel's bisection
+    w = np.exp(z.astype(np.float64) - z.max())
+    total = w[cand].sum()
+    for r in range(ROUNDS):
+        j = int(np.argmax(np.where(cand, z + gumbel(seed, counter, z.size, r), -np.inf)))
+        if top_p >= 1.0:
+            return j
+        before = (z > z[j]) | ((z == z[j]) & (ids < j))  # ahead of j in the order: all top-k survivors
+        if w[before].sum() < top_p * total:
+            return j
+        cand = before  # j is past the nucleus, so is everything after it: draw again among those ahead
+    return int(np.argmax(z))
 
 
 def sample(vocab: int, target: "str | DeviceTarget"):
@@ -122,12 +145,11 @@ def _cuda(V: int, dt: DeviceTarget):
     TX = threads(V, dt.max_threads_per_block)
     S = -(-V // TX)
     scan = T.unroll if S <= UNROLL else T.serial
-    IB = max(1, int(V - 1).bit_length())  # bits of a token id
     NEG = T.float32("-inf")
 
     def noise(i, step):
         h = _hash32(tirx.Cast("uint32", i) ^ step)
-        u = (tirx.Cast("float32", h >> tirx.const(8, "uint32")) + tirx.const(0.5, "float32")) * tirx.const(2.0 ** -24, "float32")
+        u = (tirx.Cast("float32", h >> tirx.const(9, "uint32")) + tirx.const(0.5, "float32")) * tirx.const(2.0 ** -23, "float32")
         return -tirx.log(-tirx.log(u))
 
     @T.prim_func(private=True, s_tir=True)
@@ -144,13 +166,11 @@ def _cuda(V: int, dt: DeviceTarget):
             r_cnt = T.sblock_alloc_buffer((1,), "int32", scope="local")
             r_tot = T.sblock_alloc_buffer((1,), "float32", scope="local")
             r_mass = T.sblock_alloc_buffer((1,), "float32", scope="local")
-            r_above = T.sblock_alloc_buffer((1,), "float32", scope="local")
-            r_ties = T.sblock_alloc_buffer((1,), "int32", scope="local")
-            r_ids = T.sblock_alloc_buffer((1,), "int32", scope="local")
             r_draw = T.sblock_alloc_buffer((1,), "uint64", scope="local")
+            r_fb = T.sblock_alloc_buffer((1,), "uint64", scope="local")
             f = T.sblock_alloc_buffer((8,), "float32", scope="local")  # 2 max 3 Z 4 p*Z 5 above
             n = T.sblock_alloc_buffer((4,), "int32", scope="local")  # 1 ties at the cut 2 id limit there 3 kept
-            k = T.sblock_alloc_buffer((4,), "uint32", scope="local")  # 0 kth 1 cut 2 probe 3 step
+            k = T.sblock_alloc_buffer((5,), "uint32", scope="local")  # 0 kth 1 candidates' lowest 2 probe 3 step 4 round
             for bx in T.thread_binding(1, thread="blockIdx.x"):
                 for tx in T.thread_binding(TX, thread="threadIdx.x"):
                     with T.sblock("sample"):
@@ -197,74 +217,57 @@ def _cuda(V: int, dt: DeviceTarget):
                             T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
                             T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_tot[0], tx, dtype="void")
                         f[3] = r_tot[0]
+                        # candidates: key > k[1], or key == k[1] and id < n[2] (first: the top-k survivors)
                         k[1] = k[0]
                         n[2] = V
-                        if cfg[1] < T.float32(1):
-                            f[4] = cfg[1] * f[3]
-                            # the largest key whose survivors at or above it hold at least top_p of the mass
-                            # (a bisection from 0: the result is at least kth, where all of the mass lies above)
-                            k[1] = T.uint32(0)
-                            for b in T.serial(32):
-                                k[2] = k[1] | (T.uint32(0x80000000) >> T.Cast("uint32", b))
-                                fa[0] = T.float32(0)
+                        n[3] = 0  # the drawn token, once accepted (+1)
+                        f[4] = cfg[1] * f[3]
+                        for r in T.serial(ROUNDS):
+                            if n[3] == 0:
+                                # Gumbel-max over the candidates: (score, id) as one key, lowest id among equals
+                                k[4] = _hash32(k[3] ^ T.Cast("uint32", r) * T.uint32(ROUND_STRIDE))
+                                qa[0] = T.uint64(0)
                                 for s in scan(S):
-                                    if s * TX + tx < V and _ordered(z[s]) >= k[0] and _ordered(z[s]) >= k[2]:
-                                        fa[0] = fa[0] + T.exp(z[s] - f[2])
-                                with T.sblock("mass_p"):
-                                    T.reads(fa[0])
-                                    T.writes(r_mass[0])
-                                    T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
-                                    T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_mass[0], tx, dtype="void")
-                                if r_mass[0] >= f[4]:
-                                    k[1] = k[2]
-                            # the mass strictly above the cut's value, and how many share that value
-                            fa[0] = T.float32(0)
-                            na[0] = 0
-                            for s in scan(S):
-                                if s * TX + tx < V and _ordered(z[s]) > k[1]:
-                                    fa[0] = fa[0] + T.exp(z[s] - f[2])
-                                if s * TX + tx < V and _ordered(z[s]) == k[1]:
-                                    na[0] = na[0] + 1
-                            with T.sblock("above"):
-                                T.reads(fa[0])
-                                T.writes(r_above[0])
-                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
-                                T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_above[0], tx, dtype="void")
-                            with T.sblock("ties"):
-                                T.reads(na[0])
-                                T.writes(r_ties[0])
-                                T.attr(T.comm_reducer(lambda a, b: a + b, [T.int32(0)]), "reduce_scope", T.int32(0))
-                                T.tvm_thread_allreduce(T.uint32(1), na[0], True, r_ties[0], tx, dtype="void")
-                            f[5] = r_above[0]
-                            n[1] = r_ties[0]
-                            # equal values keep their lowest ids while the mass before them is below top_p
-                            n[3] = T.max(1, T.min(n[1], T.Cast("int32", T.ceil((f[4] - f[5]) / T.exp(_unordered(k[1]) - f[2])))))
-                            if n[3] < n[1]:
-                                n[2] = 0
-                                for b in T.serial(IB):
-                                    na[0] = 0
+                                    if s * TX + tx < V and (_ordered(z[s]) > k[1] or (_ordered(z[s]) == k[1] and s * TX + tx < n[2])):
+                                        qa[0] = T.max(qa[0], _key(z[s] + noise(s * TX + tx, k[4]), s * TX + tx))
+                                with T.sblock("draw"):
+                                    T.reads(qa[0])
+                                    T.writes(r_draw[0])
+                                    T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
+                                    T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_draw[0], tx, dtype="void")
+                                n[1] = T.Cast("int32", T.uint32(0xFFFFFFFF) - T.Cast("uint32", r_draw[0] & T.uint64(0xFFFFFFFF)))
+                                if cfg[1] < T.float32(1):
+                                    # accepted if the mass ahead of it in the order is below top_p of the survivors'
+                                    k[2] = _ordered(logits[0, 0, n[1]] / cfg[0])
+                                    fa[0] = T.float32(0)
                                     for s in scan(S):
-                                        if s * TX + tx < V and _ordered(z[s]) == k[1] and s * TX + tx < (n[2] | (1 << (IB - 1 - b))):
-                                            na[0] = na[0] + 1
-                                    with T.sblock("tie_ids"):
-                                        T.reads(na[0])
-                                        T.writes(r_ids[0])
-                                        T.attr(T.comm_reducer(lambda a, b: a + b, [T.int32(0)]), "reduce_scope", T.int32(0))
-                                        T.tvm_thread_allreduce(T.uint32(1), na[0], True, r_ids[0], tx, dtype="void")
-                                    if r_ids[0] < n[3]:
-                                        n[2] = n[2] | (1 << (IB - 1 - b))
-                        # Gumbel-max over the survivors: (score, id) as one key, lowest id among equal scores
-                        qa[0] = T.uint64(0)
-                        for s in scan(S):
-                            if s * TX + tx < V and (_ordered(z[s]) > k[1] or (_ordered(z[s]) == k[1] and s * TX + tx <= n[2])):
-                                qa[0] = T.max(qa[0], _key(z[s] + noise(s * TX + tx, k[3]), s * TX + tx))
-                        with T.sblock("draw"):
-                            T.reads(qa[0])
-                            T.writes(r_draw[0])
-                            T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
-                            T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_draw[0], tx, dtype="void")
+                                        if s * TX + tx < V and (_ordered(z[s]) > k[2] or (_ordered(z[s]) == k[2] and s * TX + tx < n[1])):
+                                            fa[0] = fa[0] + T.exp(z[s] - f[2])
+                                    with T.sblock("ahead"):
+                                        T.reads(fa[0])
+                                        T.writes(r_mass[0])
+                                        T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                        T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_mass[0], tx, dtype="void")
+                                    if r_mass[0] < f[4]:
+                                        n[3] = n[1] + 1
+                                    else:  # past the nucleus, and so is all after it: draw among those ahead
+                                        k[1] = k[2]
+                                        n[2] = n[1]
+                                else:
+                                    n[3] = n[1] + 1
+                        if n[3] == 0:  # no draw accepted in ROUNDS (vanishingly rare): the most likely token
+                            qa[0] = T.uint64(0)
+                            for s in scan(S):
+                                if s * TX + tx < V:
+                                    qa[0] = T.max(qa[0], _key(z[s], s * TX + tx))
+                            with T.sblock("fallback"):
+                                T.reads(qa[0])
+                                T.writes(r_fb[0])
+                                T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
+                                T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_fb[0], tx, dtype="void")
+                            n[3] = T.Cast("int32", T.uint32(0xFFFFFFFF) - T.Cast("uint32", r_fb[0] & T.uint64(0xFFFFFFFF))) + 1
                         if tx == 0:
-                            out[0] = T.Cast("int32", T.uint32(0xFFFFFFFF) - T.Cast("uint32", r_draw[0] & T.uint64(0xFFFFFFFF)))
+                            out[0] = n[3] - 1
                             rng[1] = rng[1] + 1
 
     return kernel
