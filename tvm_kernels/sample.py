@@ -22,7 +22,8 @@ take a vanishing chance, the most likely token). Sums are float32 here and float
 top-p's verdict can differ where a mass is within float32 rounding of top_p. NaN logits count as -inf.
 
 CUDA: one block (the row is in L2; 48 logits per thread for SmolLM2's 49152). Top-k's threshold is found
-by bisection over the bits of an order-preserving integer key of z: 32 block-wide counts. Each draw is a
+by bisection over the bits of an order-preserving integer key of z, two bits a round: 16 block-wide sums
+of three counts packed in 64 bits. Each draw is a
 max-reduce of (score, id) packed in a 64-bit key, as argmax does, and each top-p verdict one block-wide sum.
 """
 from __future__ import annotations
@@ -113,8 +114,8 @@ def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, 
 
 def sample(vocab: int, target: "str | DeviceTarget"):
     """PrimFunc(logits f32[1, 1, vocab], cfg f32[4], rng i32[2], out i32[1]) for a CUDA target."""
-    if vocab <= 0 or vocab >= 2**31 - 1:
-        raise UserError(f"sample: vocabulary size must be in 1..2^31-2, got {vocab}")
+    if vocab <= 0 or vocab >= 1 << 21:  # top-k packs three counts of up to `vocab` in one 64-bit sum
+        raise UserError(f"sample: vocabulary size must be in 1..2^21-1, got {vocab}")
     dt = get_target(target)
     if not dt.is_cuda:
         raise UserError(f"sample: target {dt.name} is not a CUDA target (the CPU runtime samples on the host)")
@@ -130,12 +131,13 @@ def _ordered(z):
     return tirx.Select(tirx.isnan(z), tirx.const(0, "uint32"), key)
 
 
-def _unordered(k):
-    """_ordered's inverse."""
+def _probes(key, prefix, shift):
+    """Counts of `key` >= prefix | d << shift for d = 1, 2, 3, packed at bits 0, 21, 42 of a uint64."""
     from tvm import tirx
 
-    return tirx.reinterpret("float32", tirx.Select(k >= tirx.const(0x80000000, "uint32"),
-                                                   k ^ tirx.const(0x80000000, "uint32"), ~k))
+    one = lambda d: tirx.Select(key >= (prefix | (tirx.const(d, "uint32") << shift)),  # noqa: E731
+                                tirx.const(1 << (21 * (d - 1)), "uint64"), tirx.const(0, "uint64"))
+    return one(1) + one(2) + one(3)
 
 
 def _cuda(V: int, dt: DeviceTarget):
@@ -163,7 +165,7 @@ def _cuda(V: int, dt: DeviceTarget):
             na = T.sblock_alloc_buffer((1,), "int32", scope="local")
             qa = T.sblock_alloc_buffer((1,), "uint64", scope="local")
             r_max = T.sblock_alloc_buffer((1,), "float32", scope="local")
-            r_cnt = T.sblock_alloc_buffer((1,), "int32", scope="local")
+            r_cnt = T.sblock_alloc_buffer((1,), "uint64", scope="local")
             r_tot = T.sblock_alloc_buffer((1,), "float32", scope="local")
             r_mass = T.sblock_alloc_buffer((1,), "float32", scope="local")
             r_draw = T.sblock_alloc_buffer((1,), "uint64", scope="local")
@@ -191,22 +193,26 @@ def _cuda(V: int, dt: DeviceTarget):
                             T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [NEG]), "reduce_scope", T.int32(0))
                             T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_max[0], tx, dtype="void")
                         f[2] = r_max[0]
-                        # top-k: the largest key with at least k keys >= it (padding is -inf: key below any real)
+                        # top-k: the largest key with at least k keys >= it (padding is -inf: key below any real),
+                        # two bits a round: the counts at three probes packed in one 64-bit sum (21 bits each)
                         k[0] = T.uint32(0)
                         if 0 < T.Cast("int32", cfg[2]) and T.Cast("int32", cfg[2]) < V:
-                            for b in T.serial(32):
-                                k[2] = k[0] | (T.uint32(0x80000000) >> T.Cast("uint32", b))
-                                na[0] = 0
+                            for b in T.serial(16):
+                                k[2] = T.uint32(30) - T.Cast("uint32", b) * T.uint32(2)
+                                qa[0] = T.uint64(0)
                                 for s in scan(S):
-                                    if s * TX + tx < V and _ordered(z[s]) >= k[2]:
-                                        na[0] = na[0] + 1
+                                    if s * TX + tx < V:
+                                        qa[0] = qa[0] + _probes(_ordered(z[s]), k[0], k[2])
                                 with T.sblock("count_k"):
-                                    T.reads(na[0])
+                                    T.reads(qa[0])
                                     T.writes(r_cnt[0])
-                                    T.attr(T.comm_reducer(lambda a, b: a + b, [T.int32(0)]), "reduce_scope", T.int32(0))
-                                    T.tvm_thread_allreduce(T.uint32(1), na[0], True, r_cnt[0], tx, dtype="void")
-                                if r_cnt[0] >= T.Cast("int32", cfg[2]):
-                                    k[0] = k[2]
+                                    T.attr(T.comm_reducer(lambda a, b: a + b, [T.uint64(0)]), "reduce_scope", T.int32(0))
+                                    T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_cnt[0], tx, dtype="void")
+                                k[1] = k[0]
+                                for d in T.unroll(3):  # probes 1, 2, 3: the largest whose count reaches k
+                                    if T.Cast("int32", (r_cnt[0] >> T.Cast("uint64", 21 * d)) & T.uint64(0x1FFFFF)) >= T.Cast("int32", cfg[2]):
+                                        k[1] = k[0] | (T.Cast("uint32", d + 1) << k[2])
+                                k[0] = k[1]
                         fa[0] = T.float32(0)
                         for s in scan(S):
                             if s * TX + tx < V and _ordered(z[s]) >= k[0]:
