@@ -214,7 +214,8 @@ def test_cpu_export_matches_transformers(tmp_path, exported, family, awq):
 
     model, art = exported(family, awq)
     man = Manifest.load(art)
-    assert set(man.functions) >= {"create_kv_cache", "embed", "prefill", "prefill_logits", "decode"}
+    assert set(man.functions) >= {"create_kv_cache", "embed", "prefill", "prefill_logits", "decode", "argmax"}
+    assert "sample" not in man.functions  # CUDA only: the CPU runtime samples on the host
     assert man.quantization is None if not awq else man.quantization["group_size"] == GROUP
     assert man.kv_cache["max_total_seq_len"] == 64 and man.kv_cache["prefill_chunk_size"] == 8
     assert man.tokenizer["chat_template"].startswith("{% for m in messages %}")
@@ -293,6 +294,8 @@ def test_cuda_exports_hold_cubins(tmp_path, target, arch, machine):
     # sm_90 exports launch with PDL by default (tvm_kernels/pdl.py); the Orin has none
     assert man["target"]["programmatic_dependent_launch"] is (target == "cuda-sm90")
     assert (b"tirx.use_programtic_dependent_launch" in lib.read_bytes()) is (target == "cuda-sm90")
+    # the tokens a step graph picks on the device: greedy and sampled
+    assert {"argmax", "sample"} <= set(man["functions"])
 
 
 # ---------------------------------------------------------------------------------------------
