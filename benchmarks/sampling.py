@@ -34,6 +34,7 @@ SETTINGS = {
     "T0.7": SamplingParams(temperature=0.7),
     "T0.7 top_k 50": SamplingParams(temperature=0.7, top_k=50),
     "T0.7 top_p 0.9": SamplingParams(temperature=0.7, top_p=0.9),
+    "T0.7 top_k 40 top_p 0.95": SamplingParams(temperature=0.7, top_k=40, top_p=0.95),
     "T0.7 top_k 40 top_p 0.95 rep 1.1": SamplingParams(temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.1),
 }
 
