@@ -774,6 +774,7 @@ def cmd_device_check(args) -> int:
                                        "finish_reason": fa, "answer_equal": a == b and fa == fb,
                                        "cached_equal": cached_equal, "next_turn_max_abs_logit_diff": diff})
         print(json.dumps(report["chat_overlap"][-1]), flush=True)
+    report["sampled"] = _sampled_real(eng, sync)
     del sync
 
     # WikiText-2 perplexity, seqlen 512, first 40 windows (tokens made on the CPU machine)
@@ -796,6 +797,43 @@ def cmd_device_check(args) -> int:
     print(json.dumps(report["wikitext2_ppl"]))
     (out_dir / "e2e_gpu_check.json").write_text(json.dumps(report, indent=2))
     return 0 if all(c["match"] for c in checks) else 1
+
+
+def _sampled_real(eng, sync) -> dict:
+    """The real weights through the device sampler (overlapped; temperature 0.7, top-p 0.9, seeded): each
+    token the reference's draw on the synchronized engine's logits of the same prefix, the answers, and
+    decode speed against the host sampler with every step synchronized (bench_one, random prompts)."""
+    from runtime.bench import bench_one
+    from runtime.sampling import Sampler, SamplingParams
+    from tvm_kernels.sample import reference
+
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=0)
+    rows = []
+    for prompt in FIXED_PROMPTS:
+        ids = eng.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        eng.reset()
+        toks = list(eng.generate_ids(ids, 64, params))
+        sync.reset()
+        equal, nucleus = int(Sampler(params)(sync.prefill(ids)) == toks[0]), []
+        for i in range(len(toks) - 1):
+            logits = sync.decode(toks[i])
+            equal += int(reference(logits, 0.7, 0, 0.9, 0, i) == toks[i + 1])
+            z = logits.astype(np.float64) / 0.7
+            pr = np.sort(np.exp(z - z.max()))[::-1]
+            nucleus.append(int(np.searchsorted(np.cumsum(pr / pr.sum()), 0.9) + 1))
+        rows.append({"prompt": prompt, "tokens": len(toks), "equal_to_reference": equal,
+                     "nucleus_median": float(np.median(nucleus)) if nucleus else None,
+                     "text": eng.tokenizer.decode(toks, skip_special_tokens=True)})
+        print(json.dumps(rows[-1]), flush=True)
+    speed = {}
+    for _ in range(3):
+        for label, e in (("device sampler, overlapped", eng), ("host sampler, synchronized", sync)):
+            for L in (128, 512):
+                speed.setdefault(label, {}).setdefault(L, []).append(bench_one(e, L, 256, sampling=params)["decode_tokens_per_s"])
+    speed = {k: {L: float(np.median(v)) for L, v in d.items()} for k, d in speed.items()}
+    print(json.dumps(speed), flush=True)
+    return {"params": vars(params), "answers": rows, "decode_tokens_per_s_median_of_3": speed,
+            "equal": all(r["equal_to_reference"] == r["tokens"] for r in rows)}
 
 
 def cmd_collect(args) -> int:
