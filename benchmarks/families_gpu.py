@@ -10,7 +10,9 @@ TVM's sliding-window kernels.
 
 The prompt (40 tokens, prefilled in chunks of 8) is longer than the tiny Gemma3's sliding window (16);
 then 8 decode steps, each compared. Tolerance as the CPU tests: 0.02 + 2% of the largest |logit|. Then the
-same prompt generated greedily as `run` does (tokens picked on the GPU, overlapped steps): the same tokens.
+same prompt generated greedily as `run` does (tokens picked on the GPU, overlapped steps): the same tokens;
+and sampled (temperature, top-k, top-p, seeded: the device's `sample`, overlapped): each token the draw of
+tvm_kernels.sample.reference on the synchronized engine's logits of the same prefix.
 """
 from __future__ import annotations
 
@@ -78,7 +80,10 @@ def cmd_device(args) -> int:
     import torch  # noqa: F401  (libcudart.so.13 from torch's wheels, before the TVM runtime)
 
     from runtime.engine import Engine
+    from runtime.sampling import Sampler, SamplingParams
+    from tvm_kernels.sample import reference
 
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=5)
     rows = []
     for family, awq, lm_head in CASES:
         name = case_name(family, awq, lm_head)
@@ -95,15 +100,24 @@ def cmd_device(args) -> int:
         # greedy generation as `run` does it: the tokens picked on the GPU, steps overlapped (runtime/cuda_graph.py)
         eng.reset()
         gen = list(eng.generate_ids(ids[:len(PROMPT)], len(ids) - len(PROMPT), stop_token_ids=set()))
+        # sampled, as `run --temperature ...` does: drawn on the GPU, steps overlapped
+        drawn = list(eng.generate_ids(ids[:len(PROMPT)], STEPS, params, stop_token_ids=set()))
+        eng.reset()
+        expect = [Sampler(params)(eng.prefill(ids[:len(PROMPT)]))]
+        for i in range(STEPS - 1):
+            expect.append(reference(eng.decode(drawn[i]), 0.9, 20, 0.9, 5, i))
         rows.append({"case": name, "max_abs_err": err, "tolerance": tol, "ok": err <= tol, "greedy_equal": greedy,
                      "overlapped": eng.overlap, "overlapped_greedy_equal": gen == ids[len(PROMPT):],
+                     "overlapped_sampling": eng.overlap_sampling, "sampled_equal_reference": drawn == expect,
+                     "vocab": eng.vocab,
                      "decode_step_graph": dict(eng.graph.counts) if eng.graph is not None else None})
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "families_gpu.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows,
                                                        "command": " ".join(sys.argv)}, indent=1))
-    return 0 if all(r["ok"] and r["greedy_equal"] and r["overlapped_greedy_equal"] for r in rows) else 1
+    return 0 if all(r["ok"] and r["greedy_equal"] and r["overlapped_greedy_equal"] and r["sampled_equal_reference"]
+                    for r in rows) else 1
 
 
 def cmd_collect(args) -> int:
