@@ -2,8 +2,9 @@
 
 For each prompt length the cache is reset, a prompt of random token ids (fixed seed) is prefilled
 (time to first token = prefill + first sample), then `gen_tokens` tokens are decoded (greedily unless
-`sampling` says otherwise; seeded) with EOS ignored, so every run does the same work. Each step reads its logits back to the host, as real
-generation does, which also synchronizes the device: wall-clock timing is exact.
+`sampling` says otherwise; seeded) with EOS ignored, so every run does the same work. Every token reaches
+the host, as in real generation (its logits, or from overlapped steps the token itself), and the last
+one is waited for: wall-clock timing is exact.
 
 The Orin figure is a PROJECTION, not a measurement: the bandwidth efficiency measured here (weight
 bytes read per token / decode time, over this machine's device copy bandwidth) times the Jetson AGX

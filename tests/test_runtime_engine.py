@@ -237,7 +237,6 @@ def test_cli_run_and_errors(tiny, engine, capsys):
     assert engine.graph is None and engine.cuda_stream is None
 
 
-
 def test_cli_bench_sampled(tiny, tmp_path, capsys):
     from awq_edge.cli import main
 

@@ -140,6 +140,21 @@ def _probes(key, prefix, shift):
     return one(1) + one(2) + one(3)
 
 
+def _ahead(key, i, key_lo, id_lim):
+    """Token i (with `key`) among the candidates: key > key_lo, or key == key_lo and i < id_lim."""
+    from tvm import tirx
+
+    return tirx.Or(key > key_lo, tirx.And(key == key_lo, i < id_lim))
+
+
+def _id_of(packed):
+    """The token id in a reduced _key (its low word holds the id's complement)."""
+    from tvm import tirx
+
+    low = tirx.Cast("uint32", packed & tirx.const(0xFFFFFFFF, "uint64"))
+    return tirx.Cast("int32", tirx.const(0xFFFFFFFF, "uint32") - low)
+
+
 def _cuda(V: int, dt: DeviceTarget):
     from tvm import tirx
     from tvm.script import tirx as T
@@ -151,7 +166,8 @@ def _cuda(V: int, dt: DeviceTarget):
 
     def noise(i, step):
         h = _hash32(tirx.Cast("uint32", i) ^ step)
-        u = (tirx.Cast("float32", h >> tirx.const(9, "uint32")) + tirx.const(0.5, "float32")) * tirx.const(2.0 ** -23, "float32")
+        u = tirx.Cast("float32", h >> tirx.const(9, "uint32")) + tirx.const(0.5, "float32")
+        u = u * tirx.const(2.0 ** -23, "float32")
         return -tirx.log(-tirx.log(u))
 
     @T.prim_func(private=True, s_tir=True)
@@ -234,20 +250,20 @@ def _cuda(V: int, dt: DeviceTarget):
                                 k[4] = _hash32(k[3] ^ T.Cast("uint32", r) * T.uint32(ROUND_STRIDE))
                                 qa[0] = T.uint64(0)
                                 for s in scan(S):
-                                    if s * TX + tx < V and (_ordered(z[s]) > k[1] or (_ordered(z[s]) == k[1] and s * TX + tx < n[2])):
+                                    if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[1], n[2]):
                                         qa[0] = T.max(qa[0], _key(z[s] + noise(s * TX + tx, k[4]), s * TX + tx))
                                 with T.sblock("draw"):
                                     T.reads(qa[0])
                                     T.writes(r_draw[0])
                                     T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
                                     T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_draw[0], tx, dtype="void")
-                                n[1] = T.Cast("int32", T.uint32(0xFFFFFFFF) - T.Cast("uint32", r_draw[0] & T.uint64(0xFFFFFFFF)))
+                                n[1] = _id_of(r_draw[0])
                                 if cfg[1] < T.float32(1):
                                     # accepted if the mass ahead of it in the order is below top_p of the survivors'
                                     k[2] = _ordered(logits[0, 0, n[1]] / cfg[0])
                                     fa[0] = T.float32(0)
                                     for s in scan(S):
-                                        if s * TX + tx < V and (_ordered(z[s]) > k[2] or (_ordered(z[s]) == k[2] and s * TX + tx < n[1])):
+                                        if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[2], n[1]):
                                             fa[0] = fa[0] + T.exp(z[s] - f[2])
                                     with T.sblock("ahead"):
                                         T.reads(fa[0])
@@ -271,7 +287,7 @@ def _cuda(V: int, dt: DeviceTarget):
                                 T.writes(r_fb[0])
                                 T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
                                 T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_fb[0], tx, dtype="void")
-                            n[3] = T.Cast("int32", T.uint32(0xFFFFFFFF) - T.Cast("uint32", r_fb[0] & T.uint64(0xFFFFFFFF))) + 1
+                            n[3] = _id_of(r_fb[0]) + 1
                         if tx == 0:
                             out[0] = n[3] - 1
                             rng[1] = rng[1] + 1
