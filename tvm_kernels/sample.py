@@ -23,8 +23,8 @@ top-p's verdict can differ where a mass is within float32 rounding of top_p. NaN
 
 CUDA: one block (the row is in L2; 48 logits per thread for SmolLM2's 49152). Top-k's threshold is found
 by bisection over the bits of an order-preserving integer key of z, two bits a round: 16 block-wide sums
-of three counts packed in 64 bits. Each draw is a
-max-reduce of (score, id) packed in a 64-bit key, as argmax does, and each top-p verdict one block-wide sum.
+of three counts packed in 64 bits. Each draw is a max-reduce of (score, id) packed in a 64-bit key, as
+argmax does, and each top-p verdict one block-wide sum.
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def _hash32(x):
 
 
 def _round_key(seed: int, counter: int, r: int) -> np.uint32:
-    step = _hash32(np.array([np.uint32(seed & 0xFFFFFFFF) ^ _hash32(np.array([counter], np.uint32))[0]], np.uint32))[0]
-    return _hash32(np.array([step ^ np.uint32((r * ROUND_STRIDE) & 0xFFFFFFFF)], np.uint32))[0]
+    """The kernel's k[4]: hash(hash(seed ^ hash(counter)) ^ r * ROUND_STRIDE)."""
+    h = lambda x: _hash32(np.array([x], np.uint32))[0]  # noqa: E731
+    return h(h(np.uint32(seed & 0xFFFFFFFF) ^ h(counter)) ^ np.uint32((r * ROUND_STRIDE) & 0xFFFFFFFF))
 
 
 def gumbel(seed: int, counter: int, vocab: int, r: int = 0) -> np.ndarray:
