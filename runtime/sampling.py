@@ -99,8 +99,9 @@ def nucleus(logits: np.ndarray, p: float, out: np.ndarray | None = None) -> tupl
     if cand.size <= NUCLEUS_SORT and e[cand].sum() >= (p + 1e-9) * total:
         mask, before = np.zeros(logits.size, dtype=bool), 0.0
     else:
-        scale = np.float32(NUCLEUS_BUCKETS / max(float(top - np.min(logits)), 1e-30))
-        bucket = np.minimum(((top - logits) * scale).astype(np.int32), NUCLEUS_BUCKETS - 1)
+        lowest = np.min(np.where(np.isfinite(logits), logits, top))  # -inf logits go to the last bucket
+        scale = np.float32(NUCLEUS_BUCKETS / max(float(top - lowest), 1e-30))
+        bucket = np.minimum((top - logits) * scale, NUCLEUS_BUCKETS - 1).astype(np.int32)
         mass = np.cumsum(np.bincount(bucket, weights=e, minlength=NUCLEUS_BUCKETS))
         first = int(np.searchsorted(mass, (p - 1e-9) * total))  # buckets before it hold less than p: kept
         last = int(np.searchsorted(mass, (p + 1e-9) * total))  # buckets after it: mass before >= p, dropped

@@ -153,3 +153,14 @@ def test_sampled_tokens_follow_the_filtered_distribution():
     assert set(draws.tolist()) <= set(kept.tolist())
     freq = np.array([(draws == k).mean() for k in kept])
     np.testing.assert_allclose(freq, ref, atol=0.015)
+
+
+def test_sampler_handles_masked_logits():
+    # -inf logits (a masked vocabulary) in a flat row: the bucket search must still find the reference's cut
+    x = (np.random.default_rng(4).standard_normal(20000) * 0.3).astype(np.float32)
+    x[::3] = -np.inf
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=0))
+    ids, _ = s.survivors(x)
+    kept, _ = _reference_survivors(x, 1.0, 0, 0.9)
+    np.testing.assert_array_equal(ids, kept)
+    assert all(np.isfinite(x[s(x)]) for _ in range(50))
