@@ -177,7 +177,6 @@ def _cuda(V: int, dt: DeviceTarget):
         T.func_attr({"tirx.noalias": True})
         with T.sblock("root"):
             z = T.sblock_alloc_buffer((S,), "float32", scope="local")
-            zk = T.sblock_alloc_buffer((S,), "uint32", scope="local")  # _ordered(z), once: the rounds compare keys
             # one-element buffers for the reductions (the lowering wants them at index 0, each result its own)
             fa = T.sblock_alloc_buffer((1,), "float32", scope="local")
             na = T.sblock_alloc_buffer((1,), "int32", scope="local")
@@ -204,7 +203,6 @@ def _cuda(V: int, dt: DeviceTarget):
                                 z[s] = logits[0, 0, s * TX + tx] / cfg[0]
                                 if T.isnan(z[s]):
                                     z[s] = NEG
-                            zk[s] = _ordered(z[s])
                             fa[0] = T.max(fa[0], z[s])
                         with T.sblock("max"):
                             T.reads(fa[0])
@@ -221,7 +219,7 @@ def _cuda(V: int, dt: DeviceTarget):
                                 qa[0] = T.uint64(0)
                                 for s in scan(S):
                                     if s * TX + tx < V:
-                                        qa[0] = qa[0] + _probes(zk[s], k[0], k[2])
+                                        qa[0] = qa[0] + _probes(_ordered(z[s]), k[0], k[2])
                                 with T.sblock("count_k"):
                                     T.reads(qa[0])
                                     T.writes(r_cnt[0])
@@ -234,7 +232,7 @@ def _cuda(V: int, dt: DeviceTarget):
                                 k[0] = k[1]
                         fa[0] = T.float32(0)
                         for s in scan(S):
-                            if s * TX + tx < V and zk[s] >= k[0]:
+                            if s * TX + tx < V and _ordered(z[s]) >= k[0]:
                                 fa[0] = fa[0] + T.exp(z[s] - f[2])
                         with T.sblock("total"):
                             T.reads(fa[0])
@@ -253,7 +251,7 @@ def _cuda(V: int, dt: DeviceTarget):
                                 k[4] = _hash32(k[3] ^ T.Cast("uint32", r) * T.uint32(ROUND_STRIDE))
                                 qa[0] = T.uint64(0)
                                 for s in scan(S):
-                                    if s * TX + tx < V and _ahead(zk[s], s * TX + tx, k[1], n[2]):
+                                    if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[1], n[2]):
                                         qa[0] = T.max(qa[0], _key(z[s] + noise(s * TX + tx, k[4]), s * TX + tx))
                                 with T.sblock("draw"):
                                     T.reads(qa[0])
@@ -266,7 +264,7 @@ def _cuda(V: int, dt: DeviceTarget):
                                     k[2] = _ordered(logits[0, 0, n[1]] / cfg[0])
                                     fa[0] = T.float32(0)
                                     for s in scan(S):
-                                        if s * TX + tx < V and _ahead(zk[s], s * TX + tx, k[2], n[1]):
+                                        if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[2], n[1]):
                                             fa[0] = fa[0] + T.exp(z[s] - f[2])
                                     with T.sblock("ahead"):
                                         T.reads(fa[0])
