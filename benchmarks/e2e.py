@@ -622,7 +622,8 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
         pr = np.where(keep, np.exp(z - z[keep].max()), 0.0)
         pr /= pr.sum()
         row["differences"].append({
-            "step": i, "got": a[i], "expected": expect[i], "kernel_on_that_row": _sample_row(ov, x, (0.8, 0.95, 50), 11, i - 1)[0],
+            "step": i, "got": a[i], "expected": expect[i],
+            "kernel_on_that_row": _sample_row(ov, x, (0.8, 0.95, 50), 11, i - 1)[0],
             "survivors": int(keep.sum()), "got_in_survivors": bool(keep[a[i]]), "p_got": float(pr[a[i]]),
             "p_expected": float(pr[expect[i]]), "mass_before_got": float(pr[pr > pr[a[i]]].sum()),
             "mass_before_expected": float(pr[pr > pr[expect[i]]].sum()),
@@ -829,7 +830,8 @@ def _sampled_real(eng, sync) -> dict:
     for _ in range(3):
         for label, e in (("device sampler, overlapped", eng), ("host sampler, synchronized", sync)):
             for L in (128, 512):
-                speed.setdefault(label, {}).setdefault(L, []).append(bench_one(e, L, 256, sampling=params)["decode_tokens_per_s"])
+                r = bench_one(e, L, 256, sampling=params)
+                speed.setdefault(label, {}).setdefault(L, []).append(r["decode_tokens_per_s"])
     speed = {k: {L: float(np.median(v)) for L, v in d.items()} for k, d in speed.items()}
     print(json.dumps(speed), flush=True)
     return {"params": vars(params), "answers": rows, "decode_tokens_per_s_median_of_3": speed,

@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.e2e import GPU_DIR, RESULTS, SMOL_FP16, header  # noqa: E402
+from benchmarks.e2e import RESULTS, SMOL_FP16, header  # noqa: E402
 from runtime.sampling import Sampler, SamplingParams, repetition_penalty, softmax, top_k_filter, top_p_filter  # noqa: E402
 
 SETTINGS = {
@@ -40,7 +40,7 @@ SETTINGS = {
 
 
 class RefSampler(Sampler):
-    """The sampler before benchmarks/sampling.py: every filter over the whole vocabulary, then rng.choice."""
+    """The host sampler before 38ccf72: every filter over the whole vocabulary, then rng.choice."""
 
     def __call__(self, logits, previous=()):
         p = self.params
@@ -78,7 +78,8 @@ def cmd_host(args) -> int:
                                           / np.float32(params.temperature), params.top_k), params.top_p)
             kept = np.flatnonzero(np.isfinite(f))
             got = np.arange(x.size) if ids is None else ids
-            same &= np.array_equal(got, kept) and np.allclose(probs / probs.sum(dtype=np.float64), softmax(f)[kept], rtol=2e-5, atol=1e-15)
+            probs = probs / probs.sum(dtype=np.float64)
+            same &= np.array_equal(got, kept) and np.allclose(probs, softmax(f)[kept], rtol=2e-5, atol=1e-15)
             nucleus.append(len(kept))
         times = {"new": [], "ref": []}
         for _ in range(args.rounds):  # alternating: the host's noise hits both alike
@@ -133,7 +134,8 @@ def cmd_device(args) -> int:
     for art in args.artifacts:
         for mode in modes:
             for length in args.prompt_lengths:
-                v = [r["decode_tokens_per_s"] for r in rounds if (r["artifact"], r["mode"], r["prompt_tokens"]) == (art, mode, length)]
+                v = [r["decode_tokens_per_s"] for r in rounds
+                     if (r["artifact"], r["mode"], r["prompt_tokens"]) == (art, mode, length)]
                 med.setdefault(art, {}).setdefault(mode, {})[length] = float(np.median(v))
     report = header({"device": _device_info(), "artifacts": args.artifacts,
                      "sampling_on_device": on_device, "median_decode_tokens_per_s": med,
