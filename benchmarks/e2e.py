@@ -10,10 +10,12 @@ Subcommands
   device-speed   on the GPU machine (runtime + torch only): decode/prefill/TTFT of the four exports with
                  random weights, and HF transformers eager FP16 generate on the same shapes, in one run
   device-check   on the GPU machine, a later call: reassemble the real SmolLM2 AWQ weights, check the
-                 hashes, greedy tokens vs torch on the same dequantized weights, WikiText-2 perplexity
+                 hashes, greedy tokens vs torch on the same dequantized weights, chat answers overlapped vs
+                 synchronized, sampled decoding on the device vs its reference, WikiText-2 perplexity
   device-graph   on the GPU machine: the same artifact with and without its decode-step CUDA graph
                  (runtime/cuda_graph.py), random weights: logits of every step compared, a second turn
-                 that reuses the cache, a reset
+                 that reuses the cache, a reset; overlapped greedy decode vs synchronized, and the device
+                 sampler (tvm_kernels/sample.py) vs its numpy reference
   collect        here: merge the device JSON files into benchmarks/results/e2e_gpu.json
 
 Every JSON records the device, git commit and the exact command. Figures are measured in one process
