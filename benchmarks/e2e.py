@@ -545,12 +545,17 @@ def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
     return out
 
 
-def _sample_row(eng, x: np.ndarray, cfg, seed: int, counter: int) -> tuple[int, int]:
-    """The artifact's `sample` on one row: (token, counter it leaves)."""
+def _sample_row(eng, x: np.ndarray, cfg, seed: int, counter: int, seen=None) -> tuple[int, int, bool]:
+    """The artifact's `sample` on one row, cfg = (temperature, top_p, top_k, penalty): (token, the counter it
+    leaves, whether `seen` comes back as given plus the token)."""
     V = eng.vocab
-    c, r = eng.to_device(np.array([*cfg, 0], np.float32)), eng.to_device(np.array([seed, counter], np.int32))
-    tok = int(eng.to_host(eng.fn["sample"](eng.to_device(x.reshape(1, 1, V)), c, r))[0])
-    return tok, int(eng.to_host(r)[1])
+    seen = np.zeros(V, np.int32) if seen is None else seen
+    c, r = eng.to_device(np.array(cfg, np.float32)), eng.to_device(np.array([seed, counter], np.int32))
+    sd = eng.to_device(seen)
+    tok = int(eng.to_host(eng.fn["sample"](eng.to_device(x.reshape(1, 1, V)), c, r, sd))[0])
+    marked = seen.copy()
+    marked[tok] = 1
+    return tok, int(eng.to_host(r)[1]), bool(np.array_equal(eng.to_host(sd), marked))
 
 
 def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dict]:
@@ -560,11 +565,13 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
     engine's logits, and a generation the consumer ends leaves the cache as synchronized decoding does."""
     from runtime.bench import _random_prompt
     from runtime.sampling import Sampler, SamplingParams
-    from tvm_kernels.sample import reference, survivors
+    from tvm_kernels.sample import reference, scaled, survivors
 
     rng, V, out = np.random.default_rng(3), ov.vocab, []
-    settings = [(1.0, 0, 1.0), (0.7, 50, 1.0), (0.7, 0, 0.9), (0.9, 40, 0.95), (1.0, 1, 1.0), (0.5, 0, 0.5),
-                (0.8, 50, 0.95), (1.0, 100, 0.5), (1.2, 7, 0.99)]
+    # (temperature, top_k, top_p, repetition penalty); temperature 0 = greedy after the penalty
+    settings = [(1.0, 0, 1.0, 1.0), (0.7, 50, 1.0, 1.0), (0.7, 0, 0.9, 1.0), (0.9, 40, 0.95, 1.0), (1.0, 1, 1.0, 1.0),
+                (0.5, 0, 0.5, 1.0), (0.8, 50, 0.95, 1.0), (1.0, 100, 0.5, 1.0), (1.2, 7, 0.99, 1.0),
+                (0.8, 40, 0.95, 1.3), (1.0, 0, 1.0, 0.7), (0.0, 0, 1.0, 1.3), (0.0, 0, 1.0, 1.0)]
     wrong, outside, counters, n = [], 0, True, 0
     for scale in (0.3, 3.0, 30.0):
         for j in range(4):
@@ -575,26 +582,29 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
                 x[rng.choice(V, 40, replace=False)] = np.nan
             if j == 3:  # a dominant group of equal values: top-p cuts inside it (the lowest ids stay)
                 x[rng.choice(V, 20, replace=False)] = x.max() + 8
-            for T, k, p in settings:
+            seen = (rng.random(V) < 0.01).astype(np.int32)
+            seen[np.argsort(-np.nan_to_num(x, nan=-np.inf))[:3]] = 1  # the likeliest ids are in the history
+            for T, k, p, pen in settings:
                 seed, counter = int(rng.integers(2**31)), int(rng.integers(1000))
-                tok, after = _sample_row(ov, x, (T, p, k), seed, counter)
+                tok, after, marked = _sample_row(ov, x, (T, p, k, pen), seed, counter, seen)
                 n += 1
-                counters &= after == counter + 1
-                outside += int(not survivors(x, T, k, p)[tok])
-                exp = reference(x, T, k, p, seed, counter)
+                counters &= after == counter + 1 and marked
+                z = scaled(x, T, pen, seen)
+                outside += int(T > 0 and not survivors(z, 1.0, k, p)[tok])
+                exp = reference(x, T, k, p, seed, counter, pen, seen)
                 if tok != exp:
-                    wrong.append({"scale": scale, "row": j, "setting": [T, k, p], "got": tok, "expected": exp})
+                    wrong.append({"scale": scale, "row": j, "setting": [T, k, p, pen], "got": tok, "expected": exp})
     row = {"case": "sample rows", "draws": n, "wrong": wrong[:10], "n_wrong": len(wrong), "outside_survivors": outside,
-           "counter_advanced": bool(counters)}
+           "counter_advanced_and_token_marked": bool(counters)}
     row["equal"] = not wrong and not outside and counters
     out.append(row)
     print(name, "sample", row, flush=True)
     # frequencies: 5000 draws of one row, the counter advancing in place as in a graph's replays
     x = (rng.standard_normal(V) * 2).astype(np.float32)
-    c, r = ov.to_device(np.array([1.0, 0.9, 0, 0], np.float32)), ov.to_device(np.array([9, 0], np.int32))
-    lx, draws = ov.to_device(x.reshape(1, 1, V)), []
+    c, r = ov.to_device(np.array([1.0, 0.9, 0, 1.0], np.float32)), ov.to_device(np.array([9, 0], np.int32))
+    lx, sd, draws = ov.to_device(x.reshape(1, 1, V)), ov.to_device(np.zeros(V, np.int32)), []
     for _ in range(5000):
-        draws.append(int(ov.to_host(ov.fn["sample"](lx, c, r))[0]))
+        draws.append(int(ov.to_host(ov.fn["sample"](lx, c, r, sd))[0]))
     keep = survivors(x, 1.0, 0, 0.9)
     probs = np.where(keep, np.exp(x.astype(np.float64) - x.max()), 0.0)
     probs /= probs.sum()
@@ -625,7 +635,7 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
         pr /= pr.sum()
         row["differences"].append({
             "step": i, "got": a[i], "expected": expect[i],
-            "kernel_on_that_row": _sample_row(ov, x, (0.8, 0.95, 50), 11, i - 1)[0],
+            "kernel_on_that_row": _sample_row(ov, x, (0.8, 0.95, 50, 1.0), 11, i - 1)[0],
             "survivors": int(keep.sum()), "got_in_survivors": bool(keep[a[i]]), "p_got": float(pr[a[i]]),
             "p_expected": float(pr[expect[i]]), "mass_before_got": float(pr[pr > pr[a[i]]].sum()),
             "mass_before_expected": float(pr[pr > pr[expect[i]]].sum()),
@@ -644,6 +654,13 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
                                                                    - ov.prefill(ov.cached + extra)).max())
     row["equal"] = (row["seed_repeats"] and all(same) and row["consumer_stops_cached_equal"]
                     and row["consumer_stops_next_prefill_max_abs_diff"] == 0.0)
+    out.append(row)
+    print(name, "sample", row, flush=True)
+    # greedy with a repetition penalty: the device's sampler at temperature 0 against the host's, synchronized
+    penalized = SamplingParams(repetition_penalty=1.3)
+    a, b = (list(e.generate_ids(prompt, steps, penalized, stop_token_ids=set())) for e in (ov, ref))
+    row = {"case": "greedy with repetition penalty 1.3", "tokens": len(a), "equal": a == b,
+           "distinct_tokens": len(set(a)), "first_difference": next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)}
     out.append(row)
     print(name, "sample", row, flush=True)
     return out

@@ -67,19 +67,21 @@ def make_argmax_op(device_target):
 
 
 def make_sample_op(device_target):
-    """sample(logits f32 [1, 1, V], cfg f32 [4], rng i32 [2]) -> int32 [1]: tvm_kernels.sample, which also
-    advances rng[1] in place; None where the target is not CUDA (the CPU runtime samples on the host)."""
+    """sample(logits f32 [1, 1, V], cfg f32 [4], rng i32 [2], seen i32 [V]) -> int32 [1]: tvm_kernels.sample,
+    which also advances rng[1] and marks the token in `seen`, in place; None where the target is not CUDA
+    (the CPU runtime samples on the host)."""
     if not device_target.is_cuda:
         return None
     from tvm.relax.frontend.nn import Tensor, op
 
     from tvm_kernels.sample import sample
 
-    def sample_op(logits, cfg, rng):
+    def sample_op(logits, cfg, rng, seen):
         V = int(logits.shape[-1])
         f = sample(V, device_target).without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
-        token, _ = op.tensor_ir_inplace_op(f, f"sample_v{V}", [logits, cfg, rng], [-1, 2],
-                                           [Tensor.placeholder([1], "int32"), Tensor.placeholder([2], "int32")])
+        token, _, _ = op.tensor_ir_inplace_op(
+            f, f"sample_v{V}", [logits, cfg, rng, seen], [-1, 2, 3],
+            [Tensor.placeholder([1], "int32"), Tensor.placeholder([2], "int32"), Tensor.placeholder([V], "int32")])
         return token
 
     return sample_op

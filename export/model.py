@@ -270,7 +270,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
     KV cache's construction that installs our attention kernels (export.kernels.attention_kernels).
     `lm_head_ops` = (logits, rows) of export.lm_head.make_lm_head_op, for cfg.lm_head "int8".
     `argmax_op(logits) -> int32 [1]` (export.kernels.make_argmax_op) adds the `argmax` function,
-    `sample_op(logits, cfg, rng) -> int32 [1]` (export.kernels.make_sample_op) the `sample` function."""
+    `sample_op(logits, cfg, rng, seen) -> int32 [1]` (export.kernels.make_sample_op) the `sample` function."""
     import contextlib
 
     import numpy as np
@@ -661,8 +661,8 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
         def argmax(self, logits):
             return argmax_op(logits)
 
-        def sample(self, logits, cfg, rng):
-            return sample_op(logits, cfg, rng)
+        def sample(self, logits, cfg, rng, seen):
+            return sample_op(logits, cfg, rng, seen)
 
         def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                             support_sliding_window):
@@ -705,6 +705,7 @@ def build_module(cfg: ModelConfig, linear_op: Callable | None, norm_ops: tuple[C
         if sample_op is not None:
             functions["sample"] = {"logits": nn.spec.Tensor([1, 1, cfg.vocab_size], "float32"),
                                    "cfg": nn.spec.Tensor([4], "float32"), "rng": nn.spec.Tensor([2], "int32"),
+                                   "seen": nn.spec.Tensor([cfg.vocab_size], "int32"),
                                    "$": {"param_mode": "none", "effect_mode": "none"}}
         return functions
 
@@ -736,9 +737,11 @@ FUNCTIONS = {
     "argmax": {"inputs": ["logits float32[1, 1, vocab]"], "outputs": ["int32[1]"],
                "doc": "the greedy token on the device (lowest id among equal maxima): a decode-step graph feeds it "
                       "to the next step itself (runtime/cuda_graph.py)"},
-    "sample": {"inputs": ["logits float32[1, 1, vocab]", "cfg float32[4]", "rng int32[2]"], "outputs": ["int32[1]"],
-               "doc": "a sampled token on the device (CUDA exports only): cfg = [temperature, top_p, top_k, 0], "
-                      "rng = [seed, counter], counter advanced in place; tvm_kernels/sample.py"},
+    "sample": {"inputs": ["logits float32[1, 1, vocab]", "cfg float32[4]", "rng int32[2]", "seen int32[vocab]"],
+               "outputs": ["int32[1]"],
+               "doc": "a sampled token on the device (CUDA exports only): cfg = [temperature (0: greedy), top_p, "
+                      "top_k, repetition_penalty], rng = [seed, counter], seen = 1 for the ids in the history; the "
+                      "counter advances and the token is marked seen in place; tvm_kernels/sample.py"},
 }
 
 

@@ -60,10 +60,10 @@ class Engine:
         parameter with random values of its manifest shape and dtype instead of reading params.
         cuda_graph: replay each decode step from one CUDA graph (runtime/cuda_graph.py); None = where the
         artifact allows it (manifest cuda_graph.mode "decode-step"), True = required, False = never.
-        overlap: with a step graph and an artifact that has `argmax`, greedy decoding (no repetition penalty)
-        picks tokens on the GPU and queues each step before the previous one is read (runtime/cuda_graph.py),
-        and so does sampled decoding (no repetition penalty) where the artifact has `sample`; False
-        synchronizes every step and samples on the host, as every other decoding does.
+        overlap: with a step graph and an artifact that has `argmax`, greedy decoding picks tokens on the GPU
+        and queues each step before the previous one is read (runtime/cuda_graph.py), and so does every
+        decoding (sampled, with a repetition penalty) where the artifact has `sample`; False synchronizes
+        every step and samples on the host, as the CPU runtime does.
         """
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder, verify=verify)
@@ -132,10 +132,12 @@ class Engine:
                                    self._token_buf.data_ptr(), self.vocab, m.tvm_version,
                                    window=int(kv.get("layer_sliding_window", 0) or 0))
         self.overlap = bool(overlap) and self.graph is not None and "argmax" in self.fn
-        # sampled decoding on the device: [temperature, top_p, top_k, 0] and [seed, counter], read by the graph
+        # sampled decoding on the device: [temperature, top_p, top_k, penalty], [seed, counter] and the ids
+        # seen so far, read (the last two also written) by the graph
         self.overlap_sampling = self.overlap and "sample" in self.fn
         if self.overlap_sampling:
             self._sample_cfg, self._sample_rng = self.empty((4,), "float32"), self.empty((2,), "int32")
+            self._sample_seen = self.empty((self.vocab,), "int32")
         self._logits_host = np.empty((self.vocab,), dtype=np.float32)
         self._tokenizer: Tokenizer | None = None
 
@@ -258,15 +260,20 @@ class Engine:
         if mode == "argmax":
             return self.fn["argmax"](logits), logits, x
         if mode == "sample":
-            return self.fn["sample"](logits, self._sample_cfg, self._sample_rng), logits, x
+            return self.fn["sample"](logits, self._sample_cfg, self._sample_rng, self._sample_seen), logits, x
         return logits, x
 
-    def _set_sampling(self, p: SamplingParams) -> None:
-        """The device's sampling parameters for the next generation (no step is in flight: each generation
-        ends synchronized). The seed's draws repeat; without one, a fresh seed from the host's entropy."""
+    def _set_sampling(self, p: SamplingParams, history: Sequence[int]) -> None:
+        """The device's sampling state for the next generation (no step is in flight: each generation ends
+        synchronized): parameters, seed (its draws repeat; without one, a fresh seed from the host's entropy)
+        and the ids seen so far (the repetition penalty's history: the prompt and the tokens drawn)."""
         seed = p.seed if p.seed is not None else int(np.random.default_rng().integers(2**31))
-        self.to_device(np.array([p.temperature, p.top_p, p.top_k, 0], np.float32), out=self._sample_cfg)
+        self.to_device(np.array([p.temperature, p.top_p, p.top_k, p.repetition_penalty], np.float32),
+                       out=self._sample_cfg)
         self.to_device(np.array([seed & 0x7FFFFFFF, 0], np.int32), out=self._sample_rng)
+        seen = np.zeros(self.vocab, np.int32)
+        seen[np.asarray(history, dtype=np.int64)] = 1
+        self.to_device(seen, out=self._sample_seen)
 
     def _graph_step(self, token: int) -> np.ndarray:
         with self._forward_of([token]):
@@ -410,11 +417,12 @@ class Engine:
                 stats["finish_reason"] = "context"
                 break
             p = sampler.params
-            if self.overlap and p.repetition_penalty == 1.0 and (p.greedy or self.overlap_sampling):
-                if not p.greedy:
-                    self._set_sampling(p)
+            plain_greedy = p.greedy and p.repetition_penalty == 1.0
+            if self.overlap and (plain_greedy or self.overlap_sampling):
+                if not plain_greedy:  # the device's sampler (at temperature 0: greedy after the penalty)
+                    self._set_sampling(p, history)
                 yield from self._decode_overlapped(token, max_new_tokens - i - 1, stop_token_ids, stats, t1,
-                                                   "argmax" if p.greedy else "sample")
+                                                   "argmax" if plain_greedy else "sample")
                 return
             logits = self.decode(token)
             stats["decode_steps"] += 1

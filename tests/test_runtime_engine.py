@@ -391,9 +391,12 @@ class _HostStepGraph:
             tok = e.to_host(e._decode_calls("argmax")[0])
         else:
             logits = e.to_host(e._decode_calls("logits")[0]).reshape(-1)
-            cfg, rng = e.to_host(e._sample_cfg), e.to_host(e._sample_rng)
-            tok = np.array([reference(logits, cfg[0], int(cfg[2]), cfg[1], int(rng[0]), int(rng[1]))], np.int32)
-            e.to_device(rng + np.array([0, 1], np.int32), e._sample_rng)  # the kernel advances the counter
+            cfg, rng, seen = e.to_host(e._sample_cfg), e.to_host(e._sample_rng), e.to_host(e._sample_seen)
+            tok = np.array([reference(logits, cfg[0], int(cfg[2]), cfg[1], int(rng[0]), int(rng[1]), cfg[3], seen)],
+                           np.int32)
+            seen[tok[0]] = 1  # the kernel advances the counter and marks the token seen
+            e.to_device(rng + np.array([0, 1], np.int32), e._sample_rng)
+            e.to_device(seen, e._sample_seen)
         e.to_device(tok, e._token_buf)  # what the graph's device-to-device copy does
         slot, self.slot = self.slot, self.slot ^ 1
         self.tokens[slot] = int(tok[0])
@@ -447,6 +450,12 @@ def test_overlapped_greedy_stops_at_the_context(engine, overlapped):
     assert res[0] == res[1] and res[0][1] == "context" and res[0][2] == CONTEXT
 
 
+def _enable_sampling(eng):
+    eng.overlap_sampling = True
+    eng._sample_cfg, eng._sample_rng = eng.empty((4,), "float32"), eng.empty((2,), "int32")
+    eng._sample_seen = eng.empty((eng.vocab,), "int32")
+
+
 def test_overlapped_sampling_draws_per_step_and_rolls_back(engine, overlapped):
     """Sampled decoding through the device's `sample` (its numpy reference here): the host draws the first
     token, then step i draws with counter i of the seed; a seed repeats its tokens; a generation the consumer
@@ -454,8 +463,7 @@ def test_overlapped_sampling_draws_per_step_and_rolls_back(engine, overlapped):
     from runtime.sampling import Sampler, SamplingParams
     from tvm_kernels.sample import reference
 
-    overlapped.overlap_sampling = True
-    overlapped._sample_cfg, overlapped._sample_rng = overlapped.empty((4,), "float32"), overlapped.empty((2,), "int32")
+    _enable_sampling(overlapped)
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=3)
     prompt = engine.prompt_ids(PROMPT)
     a = list(overlapped.generate_ids(prompt, 12, params, stop_token_ids=set()))
@@ -476,3 +484,27 @@ def test_overlapped_sampling_draws_per_step_and_rolls_back(engine, overlapped):
         engine.decode(t)
     extra = engine.prompt_ids(" and the capital of Italy is")
     np.testing.assert_array_equal(engine.prefill(overlapped.cached + extra), overlapped.prefill(overlapped.cached + extra))
+
+
+def test_overlapped_repetition_penalty_greedy_and_sampled(engine, overlapped):
+    """With a repetition penalty the device's `sample` decodes too: at temperature 0 the same tokens as the
+    host's greedy sampler, sampled the reference's draws with the history marked as it grows."""
+    from runtime.sampling import Sampler, SamplingParams
+    from tvm_kernels.sample import reference
+
+    _enable_sampling(overlapped)
+    prompt = engine.prompt_ids(PROMPT)
+    greedy = SamplingParams(repetition_penalty=0.5)  # < 1 favours the seen ids: it changes this model's tokens
+    host = list(engine.generate_ids(prompt, 16, greedy, stop_token_ids=set()))
+    assert list(overlapped.generate_ids(prompt, 16, greedy, stop_token_ids=set())) == host
+    assert host != list(engine.generate_ids(prompt, 16, stop_token_ids=set()))  # the penalty changes them
+    params = SamplingParams(temperature=0.9, top_p=0.95, repetition_penalty=1.3, seed=4)
+    got = list(overlapped.generate_ids(prompt, 10, params, stop_token_ids=set()))
+    engine.reset()
+    expect = [Sampler(params)(engine.prefill(prompt), prompt)]
+    seen = np.zeros(engine.vocab, np.int32)
+    seen[prompt + expect] = 1
+    for i in range(9):
+        expect.append(reference(engine.decode(expect[-1]), 0.9, 0, 0.95, 4, i, 1.3, seen))
+        seen[expect[-1]] = 1
+    assert got == expect

@@ -81,3 +81,25 @@ def test_noise_is_finite_at_the_ends_of_the_hash():
     assert np.isfinite(g[h == h.max()]).all() and np.isfinite(g[h == h.min()]).all()
     u = (np.float32((1 << 23) - 1) + np.float32(0.5)) * np.float32(2.0 ** -23)
     assert u < 1 and np.isfinite(-np.log(-np.log(u)))
+
+
+def test_penalty_and_greedy_follow_the_host_sampler():
+    from runtime.sampling import Sampler, SamplingParams, repetition_penalty
+    from tvm_kernels.sample import scaled
+
+    x = (np.random.default_rng(3).standard_normal(500) * 2).astype(np.float32)
+    history = [3, 7, 7, int(np.argmax(x)), 499]
+    seen = np.zeros(x.size, np.int32)
+    seen[history] = 1
+    # the penalty, then the temperature: bit for bit the host's float32 arithmetic
+    np.testing.assert_array_equal(scaled(x, 0.8, 1.3, seen), repetition_penalty(x, history, 1.3) / np.float32(0.8))
+    # temperature 0: greedy on the penalized logits, as the host sampler (its first choice is penalized away)
+    greedy = Sampler(SamplingParams(repetition_penalty=1.3))(x, history)
+    assert reference(x, 0.0, 0, 1.0, 1, 0, 1.3, seen) == greedy != int(np.argmax(x))
+    # sampled with the penalty: the draws follow the penalized, filtered softmax
+    z = scaled(x, 0.8, 1.3, seen)
+    keep = survivors(z, 1.0, 40, 0.9)
+    probs = softmax(np.where(keep, z, -np.inf))
+    draws = np.array([reference(x, 0.8, 40, 0.9, 2, c, 1.3, seen) for c in range(20000)])
+    assert keep[draws].all()
+    np.testing.assert_allclose((np.bincount(draws, minlength=x.size) / draws.size)[keep], probs[keep], atol=0.012)

@@ -1,19 +1,24 @@
-"""A sampled token on the device: temperature, top-k, top-p and the draw over one row of logits.
+"""A sampled token on the device: repetition penalty, temperature, top-k, top-p and the draw over one row
+of logits (or, at temperature 0, the greedy token after the penalty).
 
 Why it exists: like the greedy argmax (tvm_kernels/argmax.py), a token picked on the GPU lets a decode
 step's graph feed the next step itself, so sampled decoding overlaps too (runtime/cuda_graph.py) and the
 host never copies the logits out nor sorts the vocabulary.
 
-Signature: (logits f32[1, 1, V], cfg f32[4] = [temperature, top_p, top_k, unused],
-rng i32[2] = [seed, counter], out i32[1]). The kernel increments rng[1], so each replay of a captured
-graph draws afresh and a given seed gives the same tokens every time.
+Signature: (logits f32[1, 1, V], cfg f32[4] = [temperature (0: greedy), top_p, top_k, repetition
+penalty], rng i32[2] = [seed, counter], seen i32[V], out i32[1]). The kernel increments rng[1], so each
+replay of a captured graph draws afresh and a given seed gives the same tokens every time, and marks the
+token it picks in `seen` (1 = in the history the repetition penalty looks at: the host fills it with the
+prompt and the tokens so far when a generation starts).
 
-Semantics are runtime/sampling.py's (Hugging Face's order): z = logits / temperature; top-k keeps the k
-largest z and any tied with the k-th; top-p keeps, in the order of decreasing probability (lower id first
-among equals), each token whose mass before it is below top_p of the top-k survivors' mass. The draw is
-Gumbel-max: argmax(z + g) over a set of candidates, g = -log(-log(u)), picks token i with probability
-softmax(z)_i within the set. u comes from a counter-based hash of (seed, counter, round, token id), so
-draws differ from the host sampler's (numpy's generator) for the same seed, not their distribution.
+Semantics are runtime/sampling.py's (Hugging Face's order): the repetition penalty divides seen tokens'
+positive logits by it and multiplies negative ones; greedy takes the largest of those (lowest id among
+equals); else z = logits / temperature; top-k keeps the k largest z and any tied with the k-th; top-p
+keeps, in the order of decreasing probability (lower id first among equals), each token whose mass before
+it is below top_p of the top-k survivors' mass. The draw is Gumbel-max: argmax(z + g) over a set of
+candidates, g = -log(-log(u)), picks token i with probability softmax(z)_i within the set. u comes from
+a counter-based hash of (seed, counter, round, token id), so draws differ from the host sampler's (numpy's
+generator) for the same seed, not their distribution.
 Top-p is rejection sampling (as FlashInfer's sampler): draw among the top-k survivors; the token is kept
 if the mass ahead of it is below top_p, else every candidate from it on is past the nucleus too, and the
 draw repeats among those ahead of it. A kept draw is distributed as the nucleus renormalized; a draw is
@@ -94,12 +99,26 @@ def survivors(logits: np.ndarray, temperature: float, top_k: int, top_p: float) 
     return keep
 
 
-def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, seed: int, counter: int) -> int:
-    """numpy: the token the kernel draws, by the kernel's steps (float64 sums where it sums in float32)."""
-    z = np.asarray(logits, np.float32).reshape(-1) / np.float32(temperature)
-    z = np.where(np.isnan(z), -np.inf, z)
+def scaled(logits: np.ndarray, temperature: float, penalty: float = 1.0, seen: np.ndarray | None = None) -> np.ndarray:
+    """z: the repetition penalty on the seen tokens' logits (positive / penalty, negative * penalty, as
+    transformers), then / temperature (none for greedy, temperature 0); NaN as -inf. float32, as the kernel."""
+    x = np.array(logits, np.float32).reshape(-1)
+    if penalty != 1.0 and seen is not None:
+        hit = np.asarray(seen).reshape(-1) != 0
+        x[hit] = np.where(x[hit] > 0, x[hit] / np.float32(penalty), x[hit] * np.float32(penalty))
+    z = x / np.float32(temperature) if temperature > 0 else x
+    return np.where(np.isnan(z), -np.inf, z)
+
+
+def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, seed: int, counter: int,
+              penalty: float = 1.0, seen: np.ndarray | None = None) -> int:
+    """numpy: the token the kernel draws, by the kernel's steps (float64 sums where it sums in float32).
+    Temperature 0 is greedy: the largest penalized logit, lowest id among equals."""
+    z = scaled(logits, temperature, penalty, seen)
+    if temperature <= 0:
+        return int(np.argmax(z))
     ids = np.arange(z.size)
-    cand = survivors(logits, temperature, top_k, 1.0)  # top-k: exact, as the kernel's bisection
+    cand = survivors(z, 1.0, top_k, 1.0)  # top-k: exact, as the kernel's bisection
     w = np.exp(z.astype(np.float64) - z.max())
     total = w[cand].sum()
     for r in range(ROUNDS):
@@ -114,7 +133,7 @@ def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, 
 
 
 def sample(vocab: int, target: "str | DeviceTarget"):
-    """PrimFunc(logits f32[1, 1, vocab], cfg f32[4], rng i32[2], out i32[1]) for a CUDA target."""
+    """PrimFunc(logits f32[1, 1, vocab], cfg f32[4], rng i32[2], seen i32[vocab], out i32[1]) for a CUDA target."""
     if vocab <= 0 or vocab >= 1 << 21:  # top-k packs three counts of up to `vocab` in one 64-bit sum
         raise UserError(f"sample: vocabulary size must be in 1..2^21-1, got {vocab}")
     dt = get_target(target)
@@ -171,9 +190,20 @@ def _cuda(V: int, dt: DeviceTarget):
         u = u * tirx.const(2.0 ** -23, "float32")
         return -tirx.log(-tirx.log(u))
 
+    def jitter(cfg, i, step):
+        """The Gumbel noise of token i, none when greedy (temperature 0)."""
+        return tirx.Select(cfg[0] > tirx.const(0, "float32"), noise(i, step), tirx.const(0, "float32"))
+
+    def zval(logits, seen, cfg, i):
+        """scaled()'s z of token i: penalty if seen, then / temperature (1 when greedy)."""
+        x = logits[0, 0, i]
+        pen = tirx.Select(x > tirx.const(0, "float32"), x / cfg[3], x * cfg[3])
+        x = tirx.Select(tirx.And(cfg[3] != tirx.const(1, "float32"), seen[i] != 0), pen, x)
+        return x / tirx.Select(cfg[0] > tirx.const(0, "float32"), cfg[0], tirx.const(1, "float32"))
+
     @T.prim_func(private=True, s_tir=True)
     def kernel(logits: T.Buffer((1, 1, V), "float32"), cfg: T.Buffer((4,), "float32"),
-               rng: T.Buffer((2,), "int32"), out: T.Buffer((1,), "int32")):
+               rng: T.Buffer((2,), "int32"), seen: T.Buffer((V,), "int32"), out: T.Buffer((1,), "int32")):
         T.func_attr({"tirx.noalias": True})
         with T.sblock("root"):
             z = T.sblock_alloc_buffer((S,), "float32", scope="local")
@@ -193,14 +223,14 @@ def _cuda(V: int, dt: DeviceTarget):
             for bx in T.thread_binding(1, thread="blockIdx.x"):
                 for tx in T.thread_binding(TX, thread="threadIdx.x"):
                     with T.sblock("sample"):
-                        T.reads(logits[0, 0, 0:V], cfg[0:4], rng[0:2])
-                        T.writes(out[0], rng[1])
+                        T.reads(logits[0, 0, 0:V], cfg[0:4], rng[0:2], seen[0:V])
+                        T.writes(out[0], rng[1], seen[0:V])
                         k[3] = _hash32(T.Cast("uint32", rng[0]) ^ _hash32(T.Cast("uint32", rng[1])))
                         fa[0] = NEG
                         for s in scan(S):
                             z[s] = NEG
                             if s * TX + tx < V:
-                                z[s] = logits[0, 0, s * TX + tx] / cfg[0]
+                                z[s] = zval(logits, seen, cfg, s * TX + tx)
                                 if T.isnan(z[s]):
                                     z[s] = NEG
                             fa[0] = T.max(fa[0], z[s])
@@ -213,7 +243,7 @@ def _cuda(V: int, dt: DeviceTarget):
                         # top-k: the largest key with at least k keys >= it (padding is -inf: key below any real),
                         # two bits a round: the counts at three probes packed in one 64-bit sum (21 bits each)
                         k[0] = T.uint32(0)
-                        if 0 < T.Cast("int32", cfg[2]) and T.Cast("int32", cfg[2]) < V:
+                        if 0 < T.Cast("int32", cfg[2]) and T.Cast("int32", cfg[2]) < V and cfg[0] > T.float32(0):
                             for b in T.serial(16):
                                 k[2] = T.uint32(30) - T.Cast("uint32", b) * T.uint32(2)
                                 qa[0] = T.uint64(0)
@@ -252,16 +282,16 @@ def _cuda(V: int, dt: DeviceTarget):
                                 qa[0] = T.uint64(0)
                                 for s in scan(S):
                                     if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[1], n[2]):
-                                        qa[0] = T.max(qa[0], _key(z[s] + noise(s * TX + tx, k[4]), s * TX + tx))
+                                        qa[0] = T.max(qa[0], _key(z[s] + jitter(cfg, s * TX + tx, k[4]), s * TX + tx))
                                 with T.sblock("draw"):
                                     T.reads(qa[0])
                                     T.writes(r_draw[0])
                                     T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
                                     T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_draw[0], tx, dtype="void")
                                 n[1] = _id_of(r_draw[0])
-                                if cfg[1] < T.float32(1):
+                                if cfg[1] < T.float32(1) and cfg[0] > T.float32(0):
                                     # accepted if the mass ahead of it in the order is below top_p of the survivors'
-                                    k[2] = _ordered(logits[0, 0, n[1]] / cfg[0])
+                                    k[2] = _ordered(zval(logits, seen, cfg, n[1]))
                                     fa[0] = T.float32(0)
                                     for s in scan(S):
                                         if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[2], n[1]):
@@ -292,5 +322,6 @@ def _cuda(V: int, dt: DeviceTarget):
                         if tx == 0:
                             out[0] = n[3] - 1
                             rng[1] = rng[1] + 1
+                            seen[n[3] - 1] = 1  # the token joins the history the penalty looks at
 
     return kernel
