@@ -7,8 +7,8 @@
            probabilities -> benchmarks/results/sampling_host.json
   device   on the GPU machine: decode tokens/s of artifacts under .gpu/h5 (random weights) greedy
            (overlapped, and synchronized) and sampled: on the device (overlapped, where the artifact has
-           `sample` and there is no repetition penalty), synchronized with the host sampler, and with the
-           sampler it replaced; alternating rounds in one process -> $OUT/sampling_device.json
+           `sample`), synchronized with the host sampler, and with the sampler it replaced; alternating
+           rounds in one process -> $OUT/sampling_device.json
 
   PYTHONPATH=. .venv/bin/python benchmarks/sampling.py host
   PYTHONPATH=/tmp/tvmrt AWQ_EDGE_TVM_LIB=$PWD/.gpu/tvmrt python3 benchmarks/sampling.py device \
@@ -36,6 +36,7 @@ SETTINGS = {
     "T0.7 top_p 0.9": SamplingParams(temperature=0.7, top_p=0.9),
     "T0.7 top_k 40 top_p 0.95": SamplingParams(temperature=0.7, top_k=40, top_p=0.95),
     "T0.7 top_k 40 top_p 0.95 rep 1.1": SamplingParams(temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.1),
+    "greedy rep 1.3": SamplingParams(repetition_penalty=1.3),
 }
 
 
@@ -108,7 +109,7 @@ def cmd_device(args) -> int:
     from runtime.bench import bench_one
 
     # label -> (synchronized engine?, sampling, host sampler class). On the overlapped engine sampled decoding
-    # runs on the device where the artifact has `sample` and there is no repetition penalty
+    # (and greedy with a repetition penalty) runs on the device where the artifact has `sample`
     modes = {"greedy": (False, SamplingParams(), Sampler), "greedy:sync": (True, SamplingParams(), Sampler)}
     for name, params in SETTINGS.items():
         modes[name] = (False, params, Sampler)

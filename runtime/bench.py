@@ -106,7 +106,7 @@ def run_bench(engine: Engine, prompt_lengths=(128, 512, 2048), gen_tokens: int =
         "decode_step_graph": dict(engine.graph.counts) if engine.graph is not None else None,
         # greedy steps overlapped (runtime/cuda_graph.py): compare tokens/s only between runs that agree here
         "overlapped_greedy": engine.overlap,
-        # sampled decoding on the device, overlapped (artifacts with `sample`, no repetition penalty)
+        # sampled decoding (and greedy with a repetition penalty) on the device, overlapped: artifacts with `sample`
         "overlapped_sampling": engine.overlap_sampling,
         "sampling": dataclasses.asdict(sampling or SamplingParams()),
         "results": rows,

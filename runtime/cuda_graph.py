@@ -36,7 +36,7 @@ What a replay relies on, and how it is arranged:
   `cuda_graph.mode == "decode-step"`.
 
 Overlapped decode (`launch_token` / `wait` / `read_token`; artifacts with the `argmax` function, and for
-sampled decoding without a repetition penalty the `sample` function, tvm_kernels/sample.py): the step's
+sampled decoding or a repetition penalty the `sample` function, tvm_kernels/sample.py): the step's
 graph also picks the next token on the GPU and writes it into the token buffer the next step embeds,
 so the host no longer needs step i's token before it queues step i+1: reading it, the stop checks, the
 consumer's work and the KV cache's begin_forward for step i+1 all happen while step i runs. What the host
@@ -50,7 +50,8 @@ A generation that ends (EOS, a stop string, an exception) with a step gone ahead
 that step back from the cache (runtime/engine.py); greedy tokens are those of host greedy sampling, since the
 kernel is numpy's argmax (lowest id among ties): e2e.py device-graph checks both, and the cache left behind.
 Sampled tokens follow the host sampler's rules but not its draws (the kernel's noise is a hash of seed,
-step and token id; sample's temperature / top-p / top-k and seed live in a device buffer the graph reads).
+step and token id; sample's parameters, seed and the ids seen so far live in device buffers the graph
+reads, the last two also written: the step counter, each token marked seen).
 """
 from __future__ import annotations
 

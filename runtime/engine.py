@@ -61,8 +61,8 @@ class Engine:
         cuda_graph: replay each decode step from one CUDA graph (runtime/cuda_graph.py); None = where the
         artifact allows it (manifest cuda_graph.mode "decode-step"), True = required, False = never.
         overlap: with a step graph and an artifact that has `argmax`, greedy decoding picks tokens on the GPU
-        and queues each step before the previous one is read (runtime/cuda_graph.py), and so does every
-        decoding (sampled, with a repetition penalty) where the artifact has `sample`; False synchronizes
+        and queues each step before the previous one is read (runtime/cuda_graph.py), and so does any other
+        decoding (sampled, or with a repetition penalty) where the artifact has `sample`; False synchronizes
         every step and samples on the host, as the CPU runtime does.
         """
         self.folder = Path(artifact)
