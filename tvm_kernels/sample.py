@@ -291,7 +291,11 @@ def _cuda(V: int, dt: DeviceTarget):
                                 n[1] = _id_of(r_draw[0])
                                 if cfg[1] < T.float32(1) and cfg[0] > T.float32(0):
                                     # accepted if the mass ahead of it in the order is below top_p of the survivors'
-                                    k[2] = _ordered(zval(logits, seen, cfg, n[1]))
+                                    f[5] = logits[0, 0, n[1]]  # its z, as the load computed it (spelled out
+                                    if cfg[3] != T.float32(1):  # here: as one expression, ptxas spilled more)
+                                        if seen[n[1]] != 0:
+                                            f[5] = T.Select(f[5] > T.float32(0), f[5] / cfg[3], f[5] * cfg[3])
+                                    k[2] = _ordered(f[5] / cfg[0])
                                     fa[0] = T.float32(0)
                                     for s in scan(S):
                                         if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[2], n[1]):
