@@ -194,12 +194,16 @@ def _cuda(V: int, dt: DeviceTarget):
         """The Gumbel noise of token i, none when greedy (temperature 0)."""
         return tirx.Select(cfg[0] > tirx.const(0, "float32"), noise(i, step), tirx.const(0, "float32"))
 
+    def tdiv(cfg):
+        """What z divides by: the temperature, 1 when greedy (temperature 0)."""
+        return tirx.Select(cfg[0] > tirx.const(0, "float32"), cfg[0], tirx.const(1, "float32"))
+
     def zval(logits, seen, cfg, i):
-        """scaled()'s z of token i: penalty if seen, then / temperature (1 when greedy)."""
+        """scaled()'s z of token i with a penalty: / or * penalty if seen, then / temperature. Selects, not
+        branches: the loads stay independent."""
         x = logits[0, 0, i]
         pen = tirx.Select(x > tirx.const(0, "float32"), x / cfg[3], x * cfg[3])
-        x = tirx.Select(tirx.And(cfg[3] != tirx.const(1, "float32"), seen[i] != 0), pen, x)
-        return x / tirx.Select(cfg[0] > tirx.const(0, "float32"), cfg[0], tirx.const(1, "float32"))
+        return tirx.Select(seen[i] != 0, pen, x) / tdiv(cfg)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(logits: T.Buffer((1, 1, V), "float32"), cfg: T.Buffer((4,), "float32"),
@@ -226,13 +230,22 @@ def _cuda(V: int, dt: DeviceTarget):
                         T.reads(logits[0, 0, 0:V], cfg[0:4], rng[0:2], seen[0:V])
                         T.writes(out[0], rng[1], seen[0:V])
                         k[3] = _hash32(T.Cast("uint32", rng[0]) ^ _hash32(T.Cast("uint32", rng[1])))
+                        # the penalty's branch around the loop, not in it: branch-free loops keep all of a
+                        # thread's loads in flight (per element, the branch cost 39 us a call)
+                        if cfg[3] != T.float32(1):
+                            for s in scan(S):
+                                z[s] = NEG
+                                if s * TX + tx < V:
+                                    z[s] = zval(logits, seen, cfg, s * TX + tx)
+                        else:
+                            for s in scan(S):
+                                z[s] = NEG
+                                if s * TX + tx < V:
+                                    z[s] = logits[0, 0, s * TX + tx] / tdiv(cfg)
                         fa[0] = NEG
                         for s in scan(S):
-                            z[s] = NEG
-                            if s * TX + tx < V:
-                                z[s] = zval(logits, seen, cfg, s * TX + tx)
-                                if T.isnan(z[s]):
-                                    z[s] = NEG
+                            if T.isnan(z[s]):
+                                z[s] = NEG
                             fa[0] = T.max(fa[0], z[s])
                         with T.sblock("max"):
                             T.reads(fa[0])
