@@ -5,9 +5,9 @@ follows Hugging Face's `generate`: repetition penalty, temperature, top-k, top-p
 softmax. `top_k_filter` / `top_p_filter` / `softmax` spell the rules out over the whole vocabulary (the
 reference); `Sampler` applies the same rules to the few tokens that can survive them, because sorting and
 normalizing ~50k floats every step cost 0.8-5 ms of host time, longer than a decode step on the GPU
-(benchmarks/sampling.py). Decoding from a CUDA step graph skips the host altogether where it can: the
-artifact's argmax picks greedy tokens on the GPU with np.argmax's semantics, and its `sample` draws sampled
-ones under these rules without a repetition penalty (tvm_kernels/sample.py, runtime/cuda_graph.py).
+(benchmarks/sampling.py). Decoding from a CUDA step graph leaves the host after the first token: the
+artifact's argmax picks greedy tokens on the GPU with np.argmax's semantics, and its `sample` applies these
+rules there, penalty included (tvm_kernels/sample.py, runtime/cuda_graph.py).
 """
 from __future__ import annotations
 
