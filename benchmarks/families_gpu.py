@@ -11,8 +11,8 @@ TVM's sliding-window kernels.
 The prompt (40 tokens, prefilled in chunks of 8) is longer than the tiny Gemma3's sliding window (16);
 then 8 decode steps, each compared. Tolerance as the CPU tests: 0.02 + 2% of the largest |logit|. Then the
 same prompt generated greedily as `run` does (tokens picked on the GPU, overlapped steps): the same tokens;
-and sampled (temperature, top-k, top-p, seeded: the device's `sample`, overlapped): each token the draw of
-tvm_kernels.sample.reference on the synchronized engine's logits of the same prefix.
+and sampled (repetition penalty, temperature, top-k, top-p, seeded: the device's `sample`, overlapped): each
+token the draw of tvm_kernels.sample.reference on the synchronized engine's logits of the same prefix.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def cmd_device(args) -> int:
     from runtime.sampling import Sampler, SamplingParams
     from tvm_kernels.sample import reference
 
-    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=5)
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5)
     rows = []
     for family, awq, lm_head in CASES:
         name = case_name(family, awq, lm_head)
@@ -103,9 +103,12 @@ def cmd_device(args) -> int:
         # sampled, as `run --temperature ...` does: drawn on the GPU, steps overlapped
         drawn = list(eng.generate_ids(ids[:len(PROMPT)], STEPS, params, stop_token_ids=set()))
         eng.reset()
-        expect = [Sampler(params)(eng.prefill(ids[:len(PROMPT)]))]
+        expect = [Sampler(params)(eng.prefill(ids[:len(PROMPT)]), ids[:len(PROMPT)])]
+        seen = np.zeros(eng.vocab, np.int32)
+        seen[ids[:len(PROMPT)] + drawn[:1]] = 1
         for i in range(STEPS - 1):
-            expect.append(reference(eng.decode(drawn[i]), 0.9, 20, 0.9, 5, i))
+            expect.append(reference(eng.decode(drawn[i]), 0.9, 20, 0.9, 5, i, 1.2, seen))
+            seen[drawn[i + 1]] = 1
         rows.append({"case": name, "max_abs_err": err, "tolerance": tol, "ok": err <= tol, "greedy_equal": greedy,
                      "overlapped": eng.overlap, "overlapped_greedy_equal": gen == ids[len(PROMPT):],
                      "overlapped_sampling": eng.overlap_sampling, "sampled_equal_reference": drawn == expect,
