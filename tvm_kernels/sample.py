@@ -201,11 +201,28 @@ def _cuda(V: int, dt: DeviceTarget):
         return tirx.Select(cfg[0] > tirx.const(0, "float32"), cfg[0], tirx.const(1, "float32"))
 
     def zval(logits, seen, cfg, i):
-        """scaled()'s z of token i with a penalty: / or * penalty if seen, then / temperature. Selects, not
-        branches: the loads stay independent."""
+        """scaled()'s z of token i with a penalty: / or * penalty if seen, then / temperature."""
         x = logits[0, 0, i]
         pen = tirx.Select(x > tirx.const(0, "float32"), x / cfg[3], x * cfg[3])
         return tirx.Select(seen[i] != 0, pen, x) / tdiv(cfg)
+
+    @T.macro
+    def block_sum(src, dst, tx):
+        """dst[0] = the sum of src[0] over the block's threads (TVM's cross-thread allreduce)."""
+        with T.sblock("block_sum"):
+            T.reads(src[0])
+            T.writes(dst[0])
+            T.attr(T.comm_reducer(lambda a, b: a + b, [T.Cast(src.dtype, 0)]), "reduce_scope", T.int32(0))
+            T.tvm_thread_allreduce(T.uint32(1), src[0], True, dst[0], tx, dtype="void")
+
+    @T.macro
+    def block_max(src, dst, lowest, tx):
+        """dst[0] = the largest src[0] over the block's threads (`lowest`: max's identity)."""
+        with T.sblock("block_max"):
+            T.reads(src[0])
+            T.writes(dst[0])
+            T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [lowest]), "reduce_scope", T.int32(0))
+            T.tvm_thread_allreduce(T.uint32(1), src[0], True, dst[0], tx, dtype="void")
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(logits: T.Buffer((1, 1, V), "float32"), cfg: T.Buffer((4,), "float32"),
@@ -215,7 +232,6 @@ def _cuda(V: int, dt: DeviceTarget):
             z = T.sblock_alloc_buffer((S,), "float32", scope="local")
             # one-element buffers for the reductions (the lowering wants them at index 0, each result its own)
             fa = T.sblock_alloc_buffer((1,), "float32", scope="local")
-            na = T.sblock_alloc_buffer((1,), "int32", scope="local")
             qa = T.sblock_alloc_buffer((1,), "uint64", scope="local")
             r_max = T.sblock_alloc_buffer((1,), "float32", scope="local")
             r_cnt = T.sblock_alloc_buffer((1,), "uint64", scope="local")
@@ -224,8 +240,9 @@ def _cuda(V: int, dt: DeviceTarget):
             r_draw = T.sblock_alloc_buffer((1,), "uint64", scope="local")
             r_fb = T.sblock_alloc_buffer((1,), "uint64", scope="local")
             f = T.sblock_alloc_buffer((8,), "float32", scope="local")  # 2 max 3 Z 4 p*Z 5 z of a draw 6 noise on
-            n = T.sblock_alloc_buffer((4,), "int32", scope="local")  # 1 ties at the cut 2 id limit there 3 kept
-            k = T.sblock_alloc_buffer((5,), "uint32", scope="local")  # 0 kth 1 candidates' lowest 2 probe 3 step 4 round
+            n = T.sblock_alloc_buffer((4,), "int32", scope="local")  # 1 drawn id 2 candidates' id limit 3 kept id + 1
+            # k: 0 kth key 1 candidates' lowest key 2 probe / a draw's key 3 step hash 4 round hash
+            k = T.sblock_alloc_buffer((5,), "uint32", scope="local")
             for bx in T.thread_binding(1, thread="blockIdx.x"):
                 for tx in T.thread_binding(TX, thread="threadIdx.x"):
                     with T.sblock("sample"):
@@ -250,11 +267,7 @@ def _cuda(V: int, dt: DeviceTarget):
                             if T.isnan(z[s]):
                                 z[s] = NEG
                             fa[0] = T.max(fa[0], z[s])
-                        with T.sblock("max"):
-                            T.reads(fa[0])
-                            T.writes(r_max[0])
-                            T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [NEG]), "reduce_scope", T.int32(0))
-                            T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_max[0], tx, dtype="void")
+                        block_max(fa, r_max, NEG, tx)
                         f[2] = r_max[0]
                         # top-k: the largest key with at least k keys >= it (padding is -inf: key below any real),
                         # two bits a round: the counts at three probes packed in one 64-bit sum (21 bits each)
@@ -266,25 +279,18 @@ def _cuda(V: int, dt: DeviceTarget):
                                 for s in scan(S):
                                     if s * TX + tx < V:
                                         qa[0] = qa[0] + _probes(_ordered(z[s]), k[0], k[2])
-                                with T.sblock("count_k"):
-                                    T.reads(qa[0])
-                                    T.writes(r_cnt[0])
-                                    T.attr(T.comm_reducer(lambda a, b: a + b, [T.uint64(0)]), "reduce_scope", T.int32(0))
-                                    T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_cnt[0], tx, dtype="void")
+                                block_sum(qa, r_cnt, tx)
                                 k[1] = k[0]
                                 for d in T.unroll(3):  # probes 1, 2, 3: the largest whose count reaches k
-                                    if T.Cast("int32", (r_cnt[0] >> T.Cast("uint64", 21 * d)) & T.uint64(0x1FFFFF)) >= T.Cast("int32", cfg[2]):
+                                    if (T.Cast("int32", (r_cnt[0] >> T.Cast("uint64", 21 * d)) & T.uint64(0x1FFFFF))
+                                            >= T.Cast("int32", cfg[2])):
                                         k[1] = k[0] | (T.Cast("uint32", d + 1) << k[2])
                                 k[0] = k[1]
                         fa[0] = T.float32(0)
                         for s in scan(S):
                             if s * TX + tx < V and _ordered(z[s]) >= k[0]:
                                 fa[0] = fa[0] + T.exp(z[s] - f[2])
-                        with T.sblock("total"):
-                            T.reads(fa[0])
-                            T.writes(r_tot[0])
-                            T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
-                            T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_tot[0], tx, dtype="void")
+                        block_sum(fa, r_tot, tx)
                         f[3] = r_tot[0]
                         # candidates: key > k[1], or key == k[1] and id < n[2] (first: the top-k survivors)
                         k[1] = k[0]
@@ -299,11 +305,7 @@ def _cuda(V: int, dt: DeviceTarget):
                                 for s in scan(S):
                                     if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[1], n[2]):
                                         qa[0] = T.max(qa[0], _key(z[s] + jitter(f[6], s * TX + tx, k[4]), s * TX + tx))
-                                with T.sblock("draw"):
-                                    T.reads(qa[0])
-                                    T.writes(r_draw[0])
-                                    T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
-                                    T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_draw[0], tx, dtype="void")
+                                block_max(qa, r_draw, T.uint64(0), tx)
                                 n[1] = _id_of(r_draw[0])
                                 if cfg[1] < T.float32(1) and cfg[0] > T.float32(0):
                                     # accepted if the mass ahead of it in the order is below top_p of the survivors'
@@ -316,11 +318,7 @@ def _cuda(V: int, dt: DeviceTarget):
                                     for s in scan(S):
                                         if s * TX + tx < V and _ahead(_ordered(z[s]), s * TX + tx, k[2], n[1]):
                                             fa[0] = fa[0] + T.exp(z[s] - f[2])
-                                    with T.sblock("ahead"):
-                                        T.reads(fa[0])
-                                        T.writes(r_mass[0])
-                                        T.attr(T.comm_reducer(lambda a, b: a + b, [T.float32(0)]), "reduce_scope", T.int32(0))
-                                        T.tvm_thread_allreduce(T.uint32(1), fa[0], True, r_mass[0], tx, dtype="void")
+                                    block_sum(fa, r_mass, tx)
                                     if r_mass[0] < f[4]:
                                         n[3] = n[1] + 1
                                     else:  # past the nucleus, and so is all after it: draw among those ahead
@@ -333,11 +331,7 @@ def _cuda(V: int, dt: DeviceTarget):
                             for s in scan(S):
                                 if s * TX + tx < V:
                                     qa[0] = T.max(qa[0], _key(z[s], s * TX + tx))
-                            with T.sblock("fallback"):
-                                T.reads(qa[0])
-                                T.writes(r_fb[0])
-                                T.attr(T.comm_reducer(lambda a, b: T.max(a, b), [T.uint64(0)]), "reduce_scope", T.int32(0))
-                                T.tvm_thread_allreduce(T.uint32(1), qa[0], True, r_fb[0], tx, dtype="void")
+                            block_max(qa, r_fb, T.uint64(0), tx)
                             n[3] = _id_of(r_fb[0]) + 1
                         if tx == 0:
                             out[0] = n[3] - 1
