@@ -185,11 +185,10 @@ class Sampler:
     def filtered_logits(self, logits: np.ndarray, previous: Iterable[int] = ()) -> np.ndarray:
         """The logits after penalty, temperature, top-k and top-p (-inf where filtered out)."""
         p = self.params
-        x = repetition_penalty(np.asarray(logits, dtype=np.float32).reshape(-1), previous, p.repetition_penalty)
         if p.greedy:
-            return x
-        x /= np.float32(p.temperature)
+            return repetition_penalty(np.asarray(logits, dtype=np.float32).reshape(-1), previous, p.repetition_penalty)
         ids, _ = self.survivors(logits, previous)
+        x = self._x.copy()  # survivors' scratch: the logits after the penalty and the temperature
         if ids is None:
             return x
         out = np.full_like(x, -np.inf)
@@ -198,8 +197,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
         if self.params.greedy:
-            return int(np.argmax(repetition_penalty(np.asarray(logits, dtype=np.float32).reshape(-1), previous,
-                                                    self.params.repetition_penalty)))
+            return int(np.argmax(self.filtered_logits(logits, previous)))
         ids, probs = self.survivors(logits, previous)
         j = draw(probs, self.rng.random())
         return j if ids is None else int(ids[j])
