@@ -92,12 +92,12 @@ def bench_artifacts(args) -> list[dict]:
     from runtime.bench import run_bench
     from runtime.engine import Engine
 
-    runs = []
+    runs, sampling = [], sampling_from_args(args)  # a bad flag fails before any artifact loads
     for path, label in [(args.artifact, "artifact")] + [(b, "baseline") for b in args.baseline]:
         eng = Engine(path, device=args.device, verify=not args.no_verify, synthesize_weights=args.synthesize_weights,
                      cuda_graph=GRAPH_CHOICE[args.cuda_graph])
         runs.append(run_bench(eng, tuple(args.prompt_lengths), args.gen_tokens, label=f"{label}:{Path(path).name}",
-                              sampling=sampling_from_args(args)))
+                              sampling=sampling))
         del eng  # free its device memory before the next artifact loads
     return runs
 
