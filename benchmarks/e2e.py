@@ -545,6 +545,24 @@ def _overlap_check(name: str, prompt_tokens: int, steps: int) -> list[dict]:
     return out
 
 
+def _reference_draws(engine, prompt: list[int], drawn: list[int], params) -> tuple[list[int], list[np.ndarray]]:
+    """What the device sampler should have drawn after `prompt`, step by step on `engine`'s own logits of the
+    drawn prefix (teacher-forced): the host sampler's first token, then tvm_kernels.sample.reference with the
+    step counter and the seen ids as the kernel keeps them. Returns those tokens and each step's logits."""
+    from runtime.sampling import Sampler
+    from tvm_kernels.sample import reference
+
+    p = params
+    expect, logits = [Sampler(p)(engine.prefill(prompt), prompt)], []
+    seen = np.zeros(engine.vocab, np.int32)
+    seen[list(prompt) + list(drawn[:1])] = 1
+    for i in range(len(drawn) - 1):
+        logits.append(engine.decode(drawn[i]))
+        expect.append(reference(logits[-1], p.temperature, p.top_k, p.top_p, p.seed, i, p.repetition_penalty, seen))
+        seen[drawn[i + 1]] = 1
+    return expect, logits
+
+
 def _sample_row(eng, x: np.ndarray, cfg, seed: int, counter: int, seen=None) -> tuple[int, int, bool]:
     """The artifact's `sample` on one row, cfg = (temperature, top_p, top_k, penalty): (token, the counter it
     leaves, whether `seen` comes back as given plus the token)."""
@@ -564,7 +582,7 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
     sampled generation: a seed repeats its tokens, which are the reference's draws on the synchronized
     engine's logits, and a generation the consumer ends leaves the cache as synchronized decoding does."""
     from runtime.bench import _random_prompt
-    from runtime.sampling import Sampler, SamplingParams
+    from runtime.sampling import SamplingParams
     from tvm_kernels.sample import reference, scaled, survivors
 
     rng, V, out = np.random.default_rng(3), ov.vocab, []
@@ -620,10 +638,7 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=11)
     a = list(ov.generate_ids(prompt, steps, params, stop_token_ids=set()))
     again = list(ov.generate_ids(prompt, steps, params, stop_token_ids=set()))
-    expect, logits = [Sampler(params)(ref.prefill(prompt))], []
-    for i in range(len(a) - 1):  # the reference's draws on the device's logits of the tokens drawn so far
-        logits.append(ref.decode(a[i]))
-        expect.append(reference(logits[-1], 0.8, 50, 0.95, 11, i))
+    expect, logits = _reference_draws(ref, prompt, a, params)
     same = [x == y for x, y in zip(a, expect)]
     row = {"case": "sampled generation", "tokens": len(a), "seed_repeats": a == again,
            "tokens_equal_reference": int(sum(same)), "distinct_tokens": len(set(a)), "differences": []}
@@ -824,8 +839,7 @@ def _sampled_real(eng, sync) -> dict:
     token the reference's draw on the synchronized engine's logits of the same prefix, the answers, and
     decode speed against the host sampler with every step synchronized (bench_one, random prompts)."""
     from runtime.bench import bench_one
-    from runtime.sampling import Sampler, SamplingParams
-    from tvm_kernels.sample import reference
+    from runtime.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.7, top_p=0.9, seed=0)
     rows = []
@@ -834,14 +848,13 @@ def _sampled_real(eng, sync) -> dict:
         eng.reset()
         toks = list(eng.generate_ids(ids, 64, params))
         sync.reset()
-        equal, nucleus = int(Sampler(params)(sync.prefill(ids)) == toks[0]), []
-        for i in range(len(toks) - 1):
-            logits = sync.decode(toks[i])
-            equal += int(reference(logits, 0.7, 0, 0.9, 0, i) == toks[i + 1])
-            z = logits.astype(np.float64) / 0.7
+        expect, logits = _reference_draws(sync, ids, toks, params)
+        nucleus = []
+        for x in logits:
+            z = x.astype(np.float64) / 0.7
             pr = np.sort(np.exp(z - z.max()))[::-1]
             nucleus.append(int(np.searchsorted(np.cumsum(pr / pr.sum()), 0.9) + 1))
-        rows.append({"prompt": prompt, "tokens": len(toks), "equal_to_reference": equal,
+        rows.append({"prompt": prompt, "tokens": len(toks), "equal_to_reference": sum(a == b for a, b in zip(toks, expect)),
                      "nucleus_median": float(np.median(nucleus)) if nucleus else None,
                      "text": eng.tokenizer.decode(toks, skip_special_tokens=True)})
         print(json.dumps(rows[-1]), flush=True)

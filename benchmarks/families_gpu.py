@@ -79,9 +79,9 @@ def cmd_build(args) -> int:
 def cmd_device(args) -> int:
     import torch  # noqa: F401  (libcudart.so.13 from torch's wheels, before the TVM runtime)
 
+    from benchmarks.e2e import _reference_draws
     from runtime.engine import Engine
-    from runtime.sampling import Sampler, SamplingParams
-    from tvm_kernels.sample import reference
+    from runtime.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5)
     rows = []
@@ -103,12 +103,7 @@ def cmd_device(args) -> int:
         # sampled, as `run --temperature ...` does: drawn on the GPU, steps overlapped
         drawn = list(eng.generate_ids(ids[:len(PROMPT)], STEPS, params, stop_token_ids=set()))
         eng.reset()
-        expect = [Sampler(params)(eng.prefill(ids[:len(PROMPT)]), ids[:len(PROMPT)])]
-        seen = np.zeros(eng.vocab, np.int32)
-        seen[ids[:len(PROMPT)] + drawn[:1]] = 1
-        for i in range(STEPS - 1):
-            expect.append(reference(eng.decode(drawn[i]), 0.9, 20, 0.9, 5, i, 1.2, seen))
-            seen[drawn[i + 1]] = 1
+        expect, _ = _reference_draws(eng, ids[:len(PROMPT)], drawn, params)
         rows.append({"case": name, "max_abs_err": err, "tolerance": tol, "ok": err <= tol, "greedy_equal": greedy,
                      "overlapped": eng.overlap, "overlapped_greedy_equal": gen == ids[len(PROMPT):],
                      "overlapped_sampling": eng.overlap_sampling, "sampled_equal_reference": drawn == expect,
