@@ -192,8 +192,8 @@ def _cuda(V: int, dt: DeviceTarget):
 
     def jitter(on, i, step):
         """The Gumbel noise of token i times `on` (1, or 0 when greedy: the noise is finite). A Select on the
-        temperature here instead made the kernel twice as slow (a standalone build timed on the H100, not kept:
-        68 against 27 us a call for SmolLM2's vocabulary)."""
+        temperature here instead made the kernel 2.3x slower: 68 against 25 us a call for SmolLM2's vocabulary
+        (benchmarks/results/sample_time_select_h100.json, sample_time_h100.json)."""
         return noise(i, step) * on
 
     def tdiv(cfg):
