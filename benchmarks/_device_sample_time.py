@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # [temperature, top_p, top_k, repetition penalty]
 SETTINGS = {"T0.7": [0.7, 1.0, 0, 1.0], "T0.7 top_k 50": [0.7, 1.0, 50, 1.0], "T0.7 top_p 0.9": [0.7, 0.9, 0, 1.0],
             "T0.7 top_k 40 top_p 0.95": [0.7, 0.95, 40, 1.0], "T0.7 top_k 40 top_p 0.95 rep 1.3": [0.7, 0.95, 40, 1.3],
-            "greedy rep 1.3": [0.0, 1.0, 0, 1.3]}
+            "greedy rep 1.3": [0.0, 1.0, 0, 1.3], "T0.7 top_k 2000": [0.7, 1.0, 2000, 1.0]}
 
 
 def main() -> int:

@@ -589,10 +589,11 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
     # (temperature, top_k, top_p, repetition penalty); temperature 0 = greedy after the penalty
     settings = [(1.0, 0, 1.0, 1.0), (0.7, 50, 1.0, 1.0), (0.7, 0, 0.9, 1.0), (0.9, 40, 0.95, 1.0), (1.0, 1, 1.0, 1.0),
                 (0.5, 0, 0.5, 1.0), (0.8, 50, 0.95, 1.0), (1.0, 100, 0.5, 1.0), (1.2, 7, 0.99, 1.0),
-                (0.8, 40, 0.95, 1.3), (1.0, 0, 1.0, 0.7), (0.0, 0, 1.0, 1.3), (0.0, 0, 1.0, 1.0)]
+                (0.8, 40, 0.95, 1.3), (1.0, 0, 1.0, 0.7), (0.0, 0, 1.0, 1.3), (0.0, 0, 1.0, 1.0),
+                (0.7, 1024, 0.9, 1.0), (1.0, 2000, 1.0, 1.0)]  # top-k at the block's threads, and past them
     wrong, outside, counters, n = [], 0, True, 0
     for scale in (0.3, 3.0, 30.0):
-        for j in range(4):
+        for j in range(6):
             x = (rng.standard_normal(V) * scale).astype(np.float32)
             if j == 1:
                 x[rng.choice(V, 5, replace=False)] = x.max()
@@ -600,6 +601,8 @@ def _sample_check(name: str, ref, ov, prompt: list[int], steps: int) -> list[dic
                 x[rng.choice(V, 40, replace=False)] = np.nan
             if j == 3:  # a dominant group of equal values: top-p cuts inside it (the lowest ids stay)
                 x[rng.choice(V, 20, replace=False)] = x.max() + 8
+            if j >= 4:  # wide ties at the top: top-k's candidates within the kernel's 4 per thread, and past them
+                x[rng.choice(V, 3000 if j == 4 else 6000, replace=False)] = x.max() + 1
             seen = (rng.random(V) < 0.01).astype(np.int32)
             seen[np.argsort(-np.nan_to_num(x, nan=-np.inf))[:3]] = 1  # the likeliest ids are in the history
             for T, k, p, pen in settings:

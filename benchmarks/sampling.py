@@ -117,22 +117,27 @@ def cmd_device(args) -> int:
         modes[name] = (False, params, Sampler)
         modes[name + " [sync, host sampler]"] = (True, params, Sampler)
         modes[name + " [sync, ref sampler]"] = (True, params, RefSampler)
-    rounds, on_device = [], {}
-    for art in args.artifacts:
-        engines = {False: _engine_ab(art), True: _engine_ab(art + ":sync")}
-        for eng in engines.values():
+    if args.device_only:  # A/B of artifacts' device samplers: the overlapped modes alone
+        modes = {m: v for m, v in modes.items() if not v[0]}
+    # every artifact loaded first, then each round runs them in turn: artifacts compare side by side
+    engines = {art: {sync: _engine_ab(art + (":sync" if sync else "")) for sync in {v[0] for v in modes.values()}}
+               for art in args.artifacts}
+    for per in engines.values():
+        for eng in per.values():
             bench_one(eng, 16, 8)
             bench_one(eng, 16, 8, sampling=SETTINGS["T0.7"])
-        for i in range(args.rounds):
+    rounds = []
+    on_device = {art: bool(per[False].overlap_sampling) for art, per in engines.items()}
+    for i in range(args.rounds):
+        for art in args.artifacts:
             for mode, (sync, params, cls) in modes.items():
                 runtime.engine.Sampler = cls
                 for length in args.prompt_lengths:
-                    r = bench_one(engines[sync], length, args.gen_tokens, sampling=params)
+                    r = bench_one(engines[art][sync], length, args.gen_tokens, sampling=params)
                     rounds.append({"artifact": art, "round": i, "mode": mode, **r})
                     print(f"{art:12s} round {i} {mode:56s} {length:5d}: {r['decode_tokens_per_s']:7.1f} tok/s", flush=True)
-        runtime.engine.Sampler = Sampler
-        on_device[art] = bool(engines[False].overlap_sampling)
-        del engines
+    runtime.engine.Sampler = Sampler
+    del engines
     med = {}
     for art in args.artifacts:
         for mode in modes:
@@ -165,6 +170,8 @@ def main(argv=None) -> int:
     d.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
     d.add_argument("--gen-tokens", type=int, default=256)
     d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--device-only", action="store_true",
+                   help="only the overlapped modes (greedy, and each setting sampled on the device)")
     d.add_argument("--out", default="/tmp/out")
     d.set_defaults(func=cmd_device)
     args = ap.parse_args(argv)

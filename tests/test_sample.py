@@ -39,6 +39,25 @@ def test_draws_follow_the_filtered_softmax():
     np.testing.assert_allclose(freq[keep], probs[keep], atol=0.012)
 
 
+@pytest.mark.parametrize("row", ["random", "one thread holds the top", "ties"])
+def test_topk_threshold_from_the_threads_maxima(row):
+    """The kernel's top-k search, step by step in numpy: T0 = the k-th largest of the 1024 threads' maxima
+    (thread t holds ids t, t + 1024, ...); the largest key reached by k of the logits >= T0 is the exact
+    threshold of the whole row (np.partition's k-th value)."""
+    rng, TX = np.random.default_rng(4), 1024
+    x = (rng.standard_normal(49152) * 3).astype(np.float32)
+    if row == "one thread holds the top":
+        x[np.arange(48) * TX + 5] += 40
+    if row == "ties":
+        x[rng.choice(x.size, 300, replace=False)] = x.max()
+    for k in (1, 7, 50, 100, 700, 1024):
+        t0 = np.sort(x.reshape(-1, TX).max(axis=0))[-k]
+        cand = x[x >= t0]
+        assert cand.size >= k
+        kth = np.sort(cand)[-k]  # the bisection's answer: the largest value that k candidates reach
+        assert kth == np.partition(x, -k)[-k]
+
+
 def test_nan_logits_are_never_drawn():
     x = np.array([1.0, np.nan, 0.5, np.nan], np.float32)
     assert {reference(x, 1.0, 0, 1.0, 0, c) for c in range(200)} == {0, 2}
