@@ -7,6 +7,8 @@
   #   PYTHONPATH=/tmp/tvmrt:.gpu/tvmrt python3 benchmarks/_device_kernels.py .gpu/kernels $OUT
   python benchmarks/kernels.py collect DEVICE_JSON  # -> benchmarks/results/kernels_h100.json + summary
   python benchmarks/kernels.py cpu                  # llvm GEMV vs numpy/torch FP32 here -> kernels_cpu.json
+  python benchmarks/kernels.py cpu-gemm [--baseline-repo DIR]   # llvm prefill GEMM vs torch FP32 (and
+                                                 # another checkout's kernel) -> gemm_cpu.json
 
 The device script (no TVM compiler there: the runtime bundle from scripts/make_gpu_bundle.sh + torch)
 checks every CUDA kernel against a float32 reference and times, in one run: our GEMV, cuBLAS FP16
@@ -388,6 +390,100 @@ def cmd_cpu(args) -> int:
     return 0
 
 
+# Times one checkout's CPU GEMM (tvm_kernels.gemm_w4a16 for llvm) in a subprocess, so that two checkouts'
+# kernels run side by side in one benchmark: argv = repo, target, threads, JSON list of (label, N, K, G, M).
+_GEMM_TIMER = """
+import json, os, sys
+os.environ["TVM_NUM_THREADS"] = sys.argv[3]
+sys.path.insert(0, sys.argv[1])
+import numpy as np, tvm
+from tvm_kernels.gemm_w4a16 import gemm_w4a16, reference
+from tvm_kernels.layout import random_quantized
+from tvm_kernels.targets import get_target
+t, out = get_target(sys.argv[2]), []
+for label, N, K, G, M in json.loads(sys.argv[4]):
+    rng = np.random.default_rng(N + K + M)
+    w, s, z = random_quantized(N, K, G, rng)
+    x = rng.standard_normal((M, K)).astype(np.float16)
+    with t.tvm_target() as target:
+        lib = tvm.compile(tvm.IRModule({"main": gemm_w4a16(N, K, G, t)}), target=target)
+    a = [tvm.runtime.tensor(v) for v in (x, w, s, z, np.full((M, N), np.nan, np.float16))]
+    lib["main"](*a)
+    ref = reference(x, w, s, z, G)
+    err = float(np.linalg.norm(a[4].numpy().astype(np.float32) - ref) / np.linalg.norm(ref))
+    # each repeat >= 50 ms: sub-millisecond calls on this shared 2-core machine scatter by 2x otherwise
+    est = lib.mod.time_evaluator("main", tvm.cpu(), number=2, repeat=1)(*a).mean
+    sec = min(lib.mod.time_evaluator("main", tvm.cpu(), number=max(3, int(0.05 / est)), repeat=7)(*a).results)
+    out.append({"label": label, "N": N, "K": K, "G": G, "M": M, "sec": sec, "rel_err": err})
+print(json.dumps(out))
+"""
+
+
+def cmd_cpu_gemm(args) -> int:
+    """The llvm prefill GEMM (tvm_kernels.gemm_w4a16) on SmolLM2's four shapes: this checkout's against
+    torch FP32 (x @ W^T on the dequantized weight) and, with --baseline-repo, another checkout's kernel,
+    alternating rounds in one run (best round each)."""
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import numpy as np
+    import torch
+
+    from tvm_kernels.layout import dequantize_kernel_layout, random_quantized
+
+    torch.set_num_threads(args.threads)
+    jobs = [(lbl, N, K, 64, M) for M in args.m for lbl, N, K in SMOLLM2]
+    repos = {"ours": str(REPO)}
+    if args.baseline_repo:
+        repos["baseline"] = str(Path(args.baseline_repo).resolve())
+    best: dict = {}
+    for r in range(args.rounds):
+        for name, repo in repos.items():
+            proc = subprocess.run([sys.executable, "-c", _GEMM_TIMER, repo, args.target, str(args.threads),
+                                   json.dumps(jobs)], capture_output=True, text=True, check=True)
+            for row in json.loads(proc.stdout.strip().splitlines()[-1]):
+                key = (row["label"], row["M"])
+                if row["rel_err"] > 2e-3:
+                    raise SystemExit(f"{name} {key}: relative error {row['rel_err']:.1e} against the numpy reference")
+                prev = best.setdefault(name, {}).get(key)
+                best[name][key] = row if prev is None or row["sec"] < prev["sec"] else prev
+        for lbl, N, K, G, M in jobs:
+            rng = np.random.default_rng(N + K + M)
+            w, s, z = random_quantized(N, K, G, rng)
+            xt = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
+            Wt = torch.from_numpy(dequantize_kernel_layout(w, s, z, G))
+            sec = _time_py(lambda: torch.matmul(xt, Wt.T))
+            prev = best.setdefault("torch_fp32", {}).get((lbl, M))
+            if prev is None or sec < prev["sec"]:
+                best["torch_fp32"][(lbl, M)] = {"label": lbl, "N": N, "K": K, "G": G, "M": M, "sec": sec}
+    rows = []
+    for lbl, N, K, G, M in jobs:
+        row = {"label": lbl, "N": N, "K": K, "G": G, "M": M}
+        for name in best:
+            sec = best[name][(lbl, M)]["sec"]
+            row[f"{name}_ms"] = sec * 1e3
+            row[f"{name}_GFLOPs"] = 2 * M * N * K / sec / 1e9
+        for name in best:
+            if name != "ours":
+                row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row["ours_ms"]
+        rows.append(row)
+        print(f"{lbl:8s} M={M:5d} " + " | ".join(f"{n} {row[f'{n}_ms']:8.2f} ms {row[f'{n}_GFLOPs']:6.1f} GFLOP/s" for n in best))
+    per_layer = {name: {M: sum(r[f"{name}_ms"] for r in rows if r["M"] == M) for M in args.m} for name in best}
+    print("a layer's four GEMMs (ms):", json.dumps(per_layer))
+    baseline = None
+    if args.baseline_repo:
+        baseline = subprocess.run(["git", "-C", repos["baseline"], "rev-parse", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip() or None
+    res = {"device": f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores): {_cpu_name()}",
+           "target": args.target, "threads": args.threads, "commit": git_commit(), "baseline_commit": baseline,
+           "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.utcnow().isoformat() + "Z",
+           "load_average_1_5_15": list(os.getloadavg()),
+           "timing": f"best of {args.rounds} alternating rounds, each the min of 7 repeats of >= 50 ms", "rows": rows,
+           "layer_ms": per_layer}
+    out = RESULTS / args.json
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def _cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -433,6 +529,14 @@ def main() -> int:
     cp.add_argument("--target", default="cpu")
     cp.add_argument("--threads", type=int, default=0, help="pin TVM/numpy/torch to this many threads (0: all cores)")
     cp.set_defaults(func=cmd_cpu)
+    cg = sub.add_parser("cpu-gemm")
+    cg.add_argument("--target", default="cpu")
+    cg.add_argument("--threads", type=int, default=2)
+    cg.add_argument("-m", type=int, nargs="+", default=[128, 512], help="rows of x (prompt tokens of a chunk)")
+    cg.add_argument("--baseline-repo", default=None, help="another checkout whose kernel runs in the same rounds")
+    cg.add_argument("--rounds", type=int, default=3)
+    cg.add_argument("--json", default="gemm_cpu.json")
+    cg.set_defaults(func=cmd_cpu_gemm)
     args = p.parse_args()
     return args.func(args)
 

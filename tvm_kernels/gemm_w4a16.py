@@ -27,8 +27,8 @@ Why this shape of kernel (CUDA, sm_80+: Orin sm_87, sm_86/89/90/120):
   10-20% on top. Reaching 0.6x needs a different main loop, not a better dequantize: on Hopper built as
   sm_90a, gemm_w4a16() returns the wgmma kernel of gemm_w4a16_sm90.py instead (1.5-2.2x this one).
 
-CPU (llvm): the same computation, the weight panel for a block of rows dequantized once into fp32
-(reused by every row of x), output columns parallel over cores, the inner loop vectorized along N.
+CPU (llvm): output columns parallel over cores, each task's weight panel dequantized once into fp32 and
+reused by every row of x, six rows at a time with their accumulators in registers (`_cpu_kernel`).
 """
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def _check_shape(N: int, K: int, group_size: int) -> None:
         raise UserError(f"gemm_w4a16: K={K} must be a positive multiple of the group size {group_size} (N={N})")
 
 
-def _compute(N: int, K: int, G: int, dequant_dtype: str):
-    """The unscheduled PrimFunc: dequantize -> matmul (fp32 accumulation) -> cast to fp16.
+def _compute(N: int, K: int, G: int):
+    """The unscheduled PrimFunc of the CUDA schedules: dequantize to fp16 -> matmul (fp32 accumulation) -> cast
+    to fp16.
 
     int64 shapes: Relax passes int64 shape variables, and the schedule's layout rewrites need one
     index dtype throughout."""
@@ -73,15 +74,13 @@ def _compute(N: int, K: int, G: int, dequant_dtype: str):
     def dequant(n, k):
         shift = (k % 8).astype("uint32") * tirx.const(4, "uint32")
         q = (w[n, k // 8] >> shift) & tirx.const(15, "uint32")
-        if dequant_dtype == "float16":
-            # fp16 with the bits 0x6400 | q is exactly 1024 + q: a bit OR instead of an int->fp16
-            # conversion (a quarter-rate instruction on the GPU that would bound the kernel). Same values:
-            # (1024 + q) - (1024 + z) is the exact small integer q - z, then one rounding by the scale.
-            magic = tirx.const(0x6400, "uint16")
-            qf = tirx.reinterpret("float16", q.astype("uint16") | magic)
-            # the constant as bits too: a float literal becomes a non-foldable conversion per element
-            return (qf - (z[n, k // G] + tirx.reinterpret("float16", magic))) * s[n, k // G]
-        return (q.astype(dequant_dtype) - z[n, k // G].astype(dequant_dtype)) * s[n, k // G].astype(dequant_dtype)
+        # fp16 with the bits 0x6400 | q is exactly 1024 + q: a bit OR instead of an int->fp16
+        # conversion (a quarter-rate instruction on the GPU that would bound the kernel). Same values:
+        # (1024 + q) - (1024 + z) is the exact small integer q - z, then one rounding by the scale.
+        magic = tirx.const(0x6400, "uint16")
+        qf = tirx.reinterpret("float16", q.astype("uint16") | magic)
+        # the constant as bits too: a float literal becomes a non-foldable conversion per element
+        return (qf - (z[n, k // G] + tirx.reinterpret("float16", magic))) * s[n, k // G]
 
     W = te.compute((i64(N), i64(K)), dequant, name="dequant")
     r = te.reduce_axis((i64(0), i64(K)), name="k")
@@ -556,46 +555,87 @@ def _schedule_cuda(func, cfg: CudaConfig, fp16_weight: bool = False):
 
 @dataclass(frozen=True)
 class CpuConfig:
-    block_n: int  # output columns per parallel task (vectorized)
-    block_k: int  # depth of the dequantized fp32 weight panel
+    block_n: int  # output columns per parallel task: two vector registers wide
+    rows: int  # rows of x per register tile: rows x block_n fp32 accumulators stay in registers over all of K
 
 
 def cpu_config(N: int, K: int, G: int, target: DeviceTarget) -> CpuConfig:
     lanes = max(4, target.vector_bytes // 4)
-    block_n = 2 * lanes
-    while block_n > lanes and N % block_n and N % lanes == 0:
-        block_n //= 2
-    # a panel of block_k x block_n fp32 weights stays in L1 (block_k a multiple of the group size)
-    block_k = G * max(1, 256 // G)
-    while K % block_k:
-        block_k //= 2
-    return CpuConfig(block_n=block_n, block_k=block_k)
+    # 6 rows x 2 vectors = 12 accumulators, 2 weight vectors and a broadcast: AVX2's 16 registers. Swept on
+    # SmolLM2's four shapes at M = 512, 2 threads (tests/test_gemm.py's numerics; `python benchmarks/kernels.py
+    # cpu-gemm`): 2 rows 29.4 ms a layer, 4 rows 18.5, 6 rows 16.5; 32 columns x 3 rows 27.6; AVX-512
+    # (cpu-avx512, 32 registers) 32 columns x 6 rows 13.2 ms, x 8 13.6, x 12 17.1.
+    return CpuConfig(block_n=2 * lanes, rows=6)
 
 
-def _schedule_cpu(func, cfg: CpuConfig):
-    from tvm import s_tir
+def _cpu_kernel(N: int, K: int, G: int, cfg: CpuConfig):
+    """y = x @ dequant(W)^T on llvm targets. A task per block_n output columns dequantizes its K x block_n
+    panel of W once into fp32 (k-major: a row of the panel is two vector loads), then runs the rows of x
+    through it `rows` at a time with the rows x block_n fp32 accumulators held in registers over all of K:
+    per k, `rows` broadcasts of x (converted to fp32 once, before the tasks), two panel loads and 2 x rows
+    FMAs. The schedule it replaced (panel of 256 k, one row at a time, accumulators in memory) reached
+    ~40 GFLOP/s on 2 cores; this one ~200 (the same numbers: fp32 products and sums, one rounding to fp16)."""
+    from tvm.script import tirx as T
 
-    sch = s_tir.Schedule(func)
-    main = sch.get_sblock("matmul")
-    deq = sch.get_sblock("dequant")
-    m, n, k = sch.get_loops(main)
-    no, ni = sch.split(n, factors=[None, cfg.block_n])
-    ko, ki = sch.split(k, factors=[None, cfg.block_k])
-    sch.reorder(no, ko, m, ki, ni)
-    sch.parallel(no)
-    sch.vectorize(ni)
-    # Dequantize this (block_k x block_n) panel once, stored k-major so the inner loop reads it as
-    # contiguous vectors along n; every row of x reuses it.
-    sch.compute_at(deq, ko)
-    sch.transform_layout(deq, ("write", 0), lambda a, b: (b, a))
-    init = sch.decompose_reduction(main, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    # Round each task's fp32 strip to fp16 right after its reduction: the fp32 accumulator shrinks to
-    # [M, block_n] per task instead of a full [M, N] buffer.
-    y = sch.get_sblock("y")
-    sch.reverse_compute_at(y, no)
-    sch.vectorize(sch.get_loops(y)[-1])
-    return sch.mod["main"]
+    BN, MI, KW, KG = cfg.block_n, cfg.rows, K // 8, K // G
+    NB = -(-N // BN)
+
+    @T.prim_func(s_tir=True)
+    def gemm(x_handle: T.handle, weight: T.Buffer((N, KW), "uint32"), scales: T.Buffer((N, KG), "float16"),
+             zeros: T.Buffer((N, KG), "float16"), y_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        M = T.int64()
+        x = T.match_buffer(x_handle, (M, K), "float16")
+        y = T.match_buffer(y_handle, (M, N), "float16")
+        with T.sblock("root"):
+            xf = T.sblock_alloc_buffer((M, K), "float32")
+            for m in T.parallel(M):
+                with T.sblock("x_fp32"):
+                    for k0 in T.serial(K // 8):  # 8 lanes at a time: a K-wide vector takes LLVM seconds to legalize
+                        for k1 in T.vectorized(8):
+                            xf[m, k0 * 8 + k1] = T.Cast("float32", x[m, k0 * 8 + k1])
+            for nb in T.parallel(NB):
+                with T.sblock("columns"):
+                    T.reads(xf[0:M, 0:K], weight[0:N, 0:KW], scales[0:N, 0:KG], zeros[0:N, 0:KG])
+                    T.writes(y[0:M, 0:N])
+                    panel = T.sblock_alloc_buffer((K, BN), "float32")
+                    rows = T.sblock_alloc_buffer((BN, K), "float32")
+                    acc = T.sblock_alloc_buffer((MI, BN), "float32")
+                    for c in T.serial(BN):
+                        # columns past N (the last task) dequantize row N - 1 again and are not stored
+                        n: T.let[T.int32] = T.min(nb * BN + c, N - 1)
+                        for kw in T.serial(KW):
+                            # a word's 8 nibbles as one vector: variable shifts, convert, (q - z) * s
+                            for j in T.vectorized(8):
+                                rows[c, kw * 8 + j] = (T.Cast("float32", T.bitwise_and(
+                                    T.shift_right(weight[n, kw], T.Cast("uint32", j) * T.uint32(4)), T.uint32(15)))
+                                    - T.Cast("float32", zeros[n, kw * 8 // G])) * T.Cast("float32", scales[n, kw * 8 // G])
+                    for k in T.serial(K):  # k-major: a panel row is the block_n columns' weights at one k
+                        for c in T.serial(BN):
+                            panel[k, c] = rows[c, k]
+                    for mo in T.serial(M // MI):
+                        for mi in T.unroll(MI):
+                            for c in T.vectorized(BN):
+                                acc[mi, c] = T.float32(0)
+                        for k in T.serial(K):
+                            for mi in T.unroll(MI):
+                                for c in T.vectorized(BN):
+                                    acc[mi, c] = acc[mi, c] + xf[mo * MI + mi, k] * panel[k, c]
+                        for mi in T.unroll(MI):
+                            for c in T.serial(BN):
+                                if nb * BN + c < N:
+                                    y[mo * MI + mi, nb * BN + c] = T.Cast("float16", acc[mi, c])
+                    for mt in T.serial(M % MI):  # the last rows, one at a time
+                        for c in T.vectorized(BN):
+                            acc[0, c] = T.float32(0)
+                        for k in T.serial(K):
+                            for c in T.vectorized(BN):
+                                acc[0, c] = acc[0, c] + xf[M - M % MI + mt, k] * panel[k, c]
+                        for c in T.serial(BN):
+                            if nb * BN + c < N:
+                                y[M - M % MI + mt, nb * BN + c] = T.Cast("float16", acc[0, c])
+
+    return gemm
 
 
 def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | CpuConfig | None = None):
@@ -617,6 +657,5 @@ def gemm_w4a16(N: int, K: int, group_size: int, target, config: CudaConfig | Cpu
         cfg = config or cuda_config(N, K, t)
         if not valid_config(cfg):
             raise UserError(f"gemm_w4a16: CUDA config {cfg} is not buildable (see _staging_fits)")
-        return _schedule_cuda(_compute(N, K, group_size, "float16"), cfg)
-    cfg = config or cpu_config(N, K, group_size, t)
-    return _schedule_cpu(_compute(N, K, group_size, "float32"), cfg)
+        return _schedule_cuda(_compute(N, K, group_size), cfg)
+    return _cpu_kernel(N, K, group_size, config or cpu_config(N, K, group_size, t))
