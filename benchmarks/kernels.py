@@ -9,6 +9,7 @@
   python benchmarks/kernels.py cpu                  # llvm GEMV vs numpy/torch FP32 here -> kernels_cpu.json
   python benchmarks/kernels.py cpu-gemm [--baseline-repo DIR]   # llvm prefill GEMM vs torch FP32 (and
                                                  # another checkout's kernel) -> gemm_cpu.json
+  python benchmarks/kernels.py cpu-attention [--baseline-repo DIR]   # llvm prefill attention, the same way
 
 The device script (no TVM compiler there: the runtime bundle from scripts/make_gpu_bundle.sh + torch)
 checks every CUDA kernel against a float32 reference and times, in one run: our GEMV, cuBLAS FP16
@@ -419,6 +420,74 @@ print(json.dumps(out))
 """
 
 
+_ATTENTION_TIMER = """
+import json, os, sys
+os.environ["TVM_NUM_THREADS"] = sys.argv[3]
+sys.path.insert(0, sys.argv[1])
+import numpy as np, tvm
+from export.cpu_schedule import prefill_attention_cpu
+from tvm_kernels.decode_attention import reference
+from tvm_kernels.targets import get_target
+t, out = get_target(sys.argv[2]), []
+H, HK, D = 9, 3, 64  # SmolLM2's heads
+with t.tvm_target() as target:
+    lib = tvm.compile(tvm.IRModule({"main": prefill_attention_cpu(H, HK, D)}), target=target)
+for L in json.loads(sys.argv[4]):
+    rng = np.random.default_rng(L)
+    q, k, v = (rng.standard_normal((L, h, D)).astype(np.float16) for h in (H, HK, HK))
+    a = [tvm.runtime.tensor(x) for x in (q, np.array([0, L], np.int32), k, v, np.array([0, L], np.int32),
+         np.zeros(L, np.int32), np.zeros(1, np.int32), np.zeros((L, H, D), np.float16), np.zeros((L, H), np.float32))]
+    f = lib["main"]
+    f(*a, 1, 0, 1.0, 1e4, D ** -0.5)
+    i = L - 1  # the last row sees every key
+    ref, _ = reference(q[i], k, v, D ** -0.5)
+    err = float(np.abs(a[7].numpy()[i].astype(np.float32) - ref).max())
+    sec = min(lib.mod.time_evaluator("main", tvm.cpu(), number=max(1, 2000 // L), repeat=5)(*a, 1, 0, 1.0, 1e4, D ** -0.5).results)
+    out.append({"tokens": L, "sec": sec, "max_abs_err_last_row": err})
+print(json.dumps(out))
+"""
+
+
+def cmd_cpu_attention(args) -> int:
+    """The llvm causal prefill attention (export.cpu_schedule.prefill_attention_cpu, SmolLM2's heads) on
+    one chunk: this checkout's against another's (--baseline-repo), alternating rounds, best round each."""
+    repos = {"ours": str(REPO)}
+    if args.baseline_repo:
+        repos["baseline"] = str(Path(args.baseline_repo).resolve())
+    best: dict = {}
+    for _ in range(args.rounds):
+        for name, repo in repos.items():
+            proc = subprocess.run([sys.executable, "-c", _ATTENTION_TIMER, repo, args.target, str(args.threads),
+                                   json.dumps(args.tokens)], capture_output=True, text=True, check=True)
+            for row in json.loads(proc.stdout.strip().splitlines()[-1]):
+                if row["max_abs_err_last_row"] > 2e-3:
+                    raise SystemExit(f"{name} {row['tokens']} tokens: error {row['max_abs_err_last_row']:.1e}")
+                prev = best.setdefault(name, {}).get(row["tokens"])
+                best[name][row["tokens"]] = row if prev is None or row["sec"] < prev["sec"] else prev
+    rows = []
+    for L in args.tokens:
+        flops = 4 * L * L / 2 * 64 * 9  # q k^T and p v over the causal half
+        row = {"tokens": L, **{f"{n}_ms": best[n][L]["sec"] * 1e3 for n in best},
+               **{f"{n}_GFLOPs": flops / best[n][L]["sec"] / 1e9 for n in best}}
+        if "baseline" in best:
+            row["speedup"] = row["baseline_ms"] / row["ours_ms"]
+        rows.append(row)
+        print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    baseline = None
+    if args.baseline_repo:
+        baseline = subprocess.run(["git", "-C", repos["baseline"], "rev-parse", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip() or None
+    res = {"device": f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores): {_cpu_name()}",
+           "target": args.target, "threads": args.threads, "commit": git_commit(), "baseline_commit": baseline,
+           "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.utcnow().isoformat() + "Z",
+           "load_average_1_5_15": list(os.getloadavg()),
+           "timing": f"best of {args.rounds} alternating rounds, each the min of 5 repeats", "rows": rows}
+    out = RESULTS / args.json
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_cpu_gemm(args) -> int:
     """The llvm prefill GEMM (tvm_kernels.gemm_w4a16) on SmolLM2's four shapes: this checkout's against
     torch FP32 (x @ W^T on the dequantized weight) and, with --baseline-repo, another checkout's kernel,
@@ -537,6 +606,14 @@ def main() -> int:
     cg.add_argument("--rounds", type=int, default=3)
     cg.add_argument("--json", default="gemm_cpu.json")
     cg.set_defaults(func=cmd_cpu_gemm)
+    ca = sub.add_parser("cpu-attention")
+    ca.add_argument("--target", default="cpu")
+    ca.add_argument("--threads", type=int, default=2)
+    ca.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
+    ca.add_argument("--baseline-repo", default=None, help="another checkout whose kernel runs in the same rounds")
+    ca.add_argument("--rounds", type=int, default=3)
+    ca.add_argument("--json", default="attention_cpu.json")
+    ca.set_defaults(func=cmd_cpu_attention)
     args = p.parse_args()
     return args.func(args)
 

@@ -48,6 +48,19 @@ def test_cpu_gemm_matches_reference(N, K, G):
         np.testing.assert_allclose(out, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("target,fma", [("cpu", "vfmadd231ps\t%ymm"), ("cpu-aarch64", "fmla\tv")])
+def test_cpu_gemm_register_tile_is_vector_fma(target, fma):
+    """The llvm kernel's inner loop is vector FMAs for x86-64-v3 (AVX2) and the Jetson's CPU (NEON, built
+    without a board: object code needs no cross linker)."""
+    from tvm_kernels.targets import get_target
+
+    t = get_target(target)
+    with t.tvm_target() as tgt:
+        lib = tvm.compile(tvm.IRModule({"main": gemm_w4a16(130, 576, 64, t)}), target=tgt)
+    asm = lib.mod.inspect_source("asm")
+    assert asm.count(fma) >= 12  # a 6 x 2 tile of accumulators: 12 FMAs per k
+
+
 def test_reference_is_plain_matmul():
     rng = np.random.default_rng(5)
     N, K, G = 24, 128, 64

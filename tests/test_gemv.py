@@ -224,21 +224,46 @@ def test_cpu_decode_attention_matches_reference(L):
     np.testing.assert_allclose(args[8].numpy()[0], lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [(ATT_H, ATT_HK, ATT_D), (4, 4, 128), (14, 2, 64), (2, 1, 24)])  # groups 3, 1, 7, 2
 @pytest.mark.parametrize("q_len,kv_len,causal", [(1, 1, 1), (37, 37, 1), (20, 33, 1), (7, 9, 0)])
-def test_cpu_prefill_attention_matches_reference(q_len, kv_len, causal):
+def test_cpu_prefill_attention_matches_reference(q_len, kv_len, causal, heads):
     from export.cpu_schedule import prefill_attention_cpu
     from tvm_kernels.decode_attention import reference as decode_attention_reference
 
+    H, HK, D = heads
     rng = np.random.default_rng(q_len * 100 + kv_len)
-    q = rng.standard_normal((q_len, ATT_H, ATT_D)).astype(np.float16)
-    k = rng.standard_normal((kv_len, ATT_HK, ATT_D)).astype(np.float16)
-    v = rng.standard_normal((kv_len, ATT_HK, ATT_D)).astype(np.float16)
+    q = rng.standard_normal((q_len, H, D)).astype(np.float16)
+    k = rng.standard_normal((kv_len, HK, D)).astype(np.float16)
+    v = rng.standard_normal((kv_len, HK, D)).astype(np.float16)
     args = [tvm.runtime.tensor(a) for a in (
         q, np.array([0, q_len], np.int32), k, v, np.array([0, kv_len], np.int32), np.zeros(q_len, np.int32),
-        np.zeros(1, np.int32), np.zeros((q_len, ATT_H, ATT_D), np.float16), np.zeros((q_len, ATT_H), np.float32))]
-    _cpu_lib(prefill_attention_cpu(ATT_H, ATT_HK, ATT_D))["main"](*args, causal, 0, 1.0, 1e4, ATT_D ** -0.5)
+        np.zeros(1, np.int32), np.zeros((q_len, H, D), np.float16), np.zeros((q_len, H), np.float32))]
+    _cpu_lib(prefill_attention_cpu(H, HK, D))["main"](*args, causal, 0, 1.0, 1e4, D ** -0.5)
     for i in range(q_len):
         seen = min(kv_len, kv_len - q_len + i + 1) if causal else kv_len  # TVM's causal mask
-        out, lse = decode_attention_reference(q[i], k[:seen], v[:seen], ATT_D ** -0.5)
+        out, lse = decode_attention_reference(q[i], k[:seen], v[:seen], D ** -0.5)
         np.testing.assert_allclose(args[7].numpy()[i].astype(np.float32), out, atol=2e-3, rtol=2e-3)
         np.testing.assert_allclose(args[8].numpy()[i], lse, atol=1e-4, rtol=1e-5)
+
+
+def test_cpu_prefill_attention_two_sequences():
+    """A ragged batch: each sequence attends only to its own keys, with its own causal offset."""
+    from export.cpu_schedule import prefill_attention_cpu
+    from tvm_kernels.decode_attention import reference as decode_attention_reference
+
+    rng = np.random.default_rng(11)
+    qi, ki = np.array([0, 13, 40], np.int32), np.array([0, 20, 47], np.int32)  # 13 / 27 queries, 20 / 27 keys
+    q = rng.standard_normal((40, ATT_H, ATT_D)).astype(np.float16)
+    k = rng.standard_normal((47, ATT_HK, ATT_D)).astype(np.float16)
+    v = rng.standard_normal((47, ATT_HK, ATT_D)).astype(np.float16)
+    args = [tvm.runtime.tensor(a) for a in (
+        q, qi, k, v, ki, np.zeros(40, np.int32), np.zeros(2, np.int32),
+        np.zeros((40, ATT_H, ATT_D), np.float16), np.zeros((40, ATT_H), np.float32))]
+    _cpu_lib(prefill_attention_cpu(ATT_H, ATT_HK, ATT_D))["main"](*args, 1, 0, 1.0, 1e4, ATT_D ** -0.5)
+    for s in range(2):
+        qlen, klen = qi[s + 1] - qi[s], ki[s + 1] - ki[s]
+        for i in range(qlen):
+            seen = min(klen, klen - qlen + i + 1)
+            out, lse = decode_attention_reference(q[qi[s] + i], k[ki[s]:ki[s] + seen], v[ki[s]:ki[s] + seen], ATT_D ** -0.5)
+            np.testing.assert_allclose(args[7].numpy()[qi[s] + i].astype(np.float32), out, atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(args[8].numpy()[qi[s] + i], lse, atol=1e-4, rtol=1e-5)
