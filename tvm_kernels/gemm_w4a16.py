@@ -561,10 +561,10 @@ class CpuConfig:
 
 def cpu_config(N: int, K: int, G: int, target: DeviceTarget) -> CpuConfig:
     lanes = max(4, target.vector_bytes // 4)
-    # 6 rows x 2 vectors = 12 accumulators, 2 weight vectors and a broadcast: AVX2's 16 registers. Swept on
-    # SmolLM2's four shapes at M = 512, 2 threads (tests/test_gemm.py's numerics; `python benchmarks/kernels.py
-    # cpu-gemm`): 2 rows 29.4 ms a layer, 4 rows 18.5, 6 rows 16.5; 32 columns x 3 rows 27.6; AVX-512
-    # (cpu-avx512, 32 registers) 32 columns x 6 rows 13.2 ms, x 8 13.6, x 12 17.1.
+    # 6 rows x 2 vectors = 12 accumulators, 2 weight vectors and a broadcast: AVX2's 16 registers. Swept once
+    # on SmolLM2's four shapes at M = 512, 2 threads (a scratch loop over CpuConfig, not kept; the default is
+    # timed by `python benchmarks/kernels.py cpu-gemm`): 2 rows 29.4 ms a layer, 4 rows 18.5, 6 rows 16.5;
+    # 32 columns x 3 rows 27.6; AVX-512 (cpu-avx512, 32 registers) 32 columns x 6 rows 13.2, x 8 13.6, x 12 17.1.
     return CpuConfig(block_n=2 * lanes, rows=6)
 
 
@@ -574,7 +574,8 @@ def _cpu_kernel(N: int, K: int, G: int, cfg: CpuConfig):
     through it `rows` at a time with the rows x block_n fp32 accumulators held in registers over all of K:
     per k, `rows` broadcasts of x (converted to fp32 once, before the tasks), two panel loads and 2 x rows
     FMAs. The schedule it replaced (panel of 256 k, one row at a time, accumulators in memory) reached
-    ~40 GFLOP/s on 2 cores; this one ~200 (the same numbers: fp32 products and sums, one rounding to fp16)."""
+    55-83 GFLOP/s on 2 cores, this one 170-230 (benchmarks/results/gemm_cpu.json); the same arithmetic: fp32
+    products and sums, one rounding to fp16."""
     from tvm.script import tirx as T
 
     BN, MI, KW, KG = cfg.block_n, cfg.rows, K // 8, K // G
