@@ -25,6 +25,9 @@ LOG2E = math.log2(math.e)
 STOCK_DECODE_ATTENTION = "batch_decode_paged_kv_cpu"  # the global_symbol TVM 0.27 gives its CPU kernel
 STOCK_PREFILL_ATTENTION = "batch_prefill_ragged_kv"  # ... and its CPU ragged prefill kernel
 ROPE_BLOCK = "llama_fused_rope"  # the block of the paged KV cache's fused_rope (TVM 0.27)
+# Decode attention splits each KV head's context into up to this many slices of at least this many pages,
+# parallel tasks whose partial softmax states a second loop merges (3 KV heads on 2 threads left a thread idle)
+DECODE_SLICES, DECODE_SLICE_MIN_PAGES = 8, 4
 
 
 def _rules():
@@ -190,9 +193,15 @@ def _attention_macros(group: int, D: int, P: int, dtype: str):
             for dc in T.unroll(D // VL):
                 for v in T.vectorized(VL):
                     acc[g, dc % 2, v] = acc[g, dc % 2, v] + q[g, dc * VL + v] * kf[dc * VL + v]
-            sc[g, r] = T.float32(0)
-            for v in T.serial(VL):
-                sc[g, r] = sc[g, r] + acc[g, 0, v] + acc[g, 1, v]
+            # the lanes summed as a tree (halves added, 4 steps): a running scalar sum was a chain of 16
+            # dependent adds per score, most of a decode step's attention time at long contexts
+            for v in T.vectorized(VL):
+                acc[g, 0, v] = acc[g, 0, v] + acc[g, 1, v]
+            for v in T.vectorized(VL // 2):
+                acc[g, 0, v] = acc[g, 0, v] + acc[g, 0, v + VL // 2]
+            for v in T.vectorized(VL // 4):
+                acc[g, 0, v] = acc[g, 0, v] + acc[g, 0, v + VL // 4]
+            sc[g, r] = acc[g, 0, 0] + acc[g, 0, 1]
 
     @T.macro
     def softmax_tile(sc, st, o, rows):  # fold the tile's first `rows` scores in; sc becomes their weights
@@ -240,6 +249,7 @@ def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: st
         raise ValueError(f"decode_attention_cpu: head_dim {D} must be a multiple of {VL}")
     group = H_qo // H_kv
     load_query, score_row, softmax_tile, add_value_row, store = _attention_macros(group, D, P, dtype)
+    NS, MIN_PAGES = DECODE_SLICES, DECODE_SLICE_MIN_PAGES
 
     @T.prim_func(s_tir=True)
     def attn(
@@ -276,46 +286,77 @@ def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: st
         output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
         assert rotary_mode == 0, "decode_attention_cpu: inline rotary (rotary_mode 1) is not implemented"
-        for bk in T.parallel(B * H_kv):
-            with T.sblock("attn"):
-                # whole-buffer regions: the page indices are data-dependent
-                T.reads(Q[0:B, 0:H_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:P, 0:D],
-                        page_table_indptr[0:B + 1], page_table_values[0:nnz_pages], last_page_len[0:B])
-                T.writes(output[0:B, 0:H_qo, 0:D], lse[0:B, 0:H_qo])
-                # one task = the `group` query heads that share a KV head: each K/V row is loaded and
-                # converted to float32 once for all of them
-                q = T.sblock_alloc_buffer((group, D), "float32")
-                o = T.sblock_alloc_buffer((group, D), "float32")
-                kf = T.sblock_alloc_buffer((D,), "float32")
-                acc = T.sblock_alloc_buffer((group, 2, VL), "float32")  # two FMA chains per dot product
-                sc = T.sblock_alloc_buffer((group, P), "float32")
-                st = T.sblock_alloc_buffer((group, 4), "float32")  # running max, running sum, page max, rescale
-                b: T.let[T.int32] = bk // H_kv
-                hk: T.let[T.int32] = bk % H_kv
-                begin: T.let[T.int32] = page_table_indptr[b]
-                npages: T.let[T.int32] = page_table_indptr[b + 1] - begin
-                load_query(Q, b, hk, q, o, st, sm_scale)
-                for pi in T.serial(npages):
-                    page: T.let[T.int32] = page_table_values[begin + pi]
-                    rows: T.let[T.int32] = T.if_then_else(pi == npages - 1, last_page_len[b], P)
-                    # the cache is read once per step (cold): fetch the next page's K and V rows of this
-                    # head while this one is computed (pages are not in address order)
-                    nxt: T.let[T.int32] = page_table_values[begin + T.min(pi + 1, npages - 1)]
-                    for kv_, line in T.grid(2, P * D * 2 // 64):
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                            pages[nxt, kv_, hk, line * 64 // (2 * D), line * 64 // 2 % D]),
-                            T.int32(0), T.int32(3), T.int32(1)))
-                    # all P rows are scored (a fixed-length loop); rows past the page's fill are masked
-                    for r in T.serial(P):
+        with T.sblock("root"):
+            part_o = T.sblock_alloc_buffer((B, H_kv, NS, group, D), "float32")  # a slice's unnormalized output
+            part_st = T.sblock_alloc_buffer((B, H_kv, NS, group, 2), "float32")  # its max and sum (base 2)
+            for task in T.parallel(B * H_kv * NS):
+                with T.sblock("slice"):
+                    # whole-buffer regions: the page indices are data-dependent
+                    T.reads(Q[0:B, 0:H_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:P, 0:D],
+                            page_table_indptr[0:B + 1], page_table_values[0:nnz_pages], last_page_len[0:B])
+                    T.writes(part_o[0:B, 0:H_kv, 0:NS, 0:group, 0:D], part_st[0:B, 0:H_kv, 0:NS, 0:group, 0:2])
+                    # one task = the `group` query heads that share a KV head, over one slice of the context:
+                    # each K/V row is loaded and converted to float32 once for all of them
+                    q = T.sblock_alloc_buffer((group, D), "float32")
+                    o = T.sblock_alloc_buffer((group, D), "float32")
+                    kf = T.sblock_alloc_buffer((D,), "float32")
+                    acc = T.sblock_alloc_buffer((group, 2, VL), "float32")  # two FMA chains per dot product
+                    sc = T.sblock_alloc_buffer((group, P), "float32")
+                    st = T.sblock_alloc_buffer((group, 4), "float32")  # running max, running sum, page max, rescale
+                    b: T.let[T.int32] = task // (H_kv * NS)
+                    hk: T.let[T.int32] = task // NS % H_kv
+                    begin: T.let[T.int32] = page_table_indptr[b]
+                    npages: T.let[T.int32] = page_table_indptr[b + 1] - begin
+                    per: T.let[T.int32] = T.max(MIN_PAGES, (npages + NS - 1) // NS)
+                    p0: T.let[T.int32] = T.min(task % NS * per, npages)
+                    load_query(Q, b, hk, q, o, st, sm_scale)
+                    for pi in T.serial(T.min(p0 + per, npages) - p0):
+                        page: T.let[T.int32] = page_table_values[begin + p0 + pi]
+                        rows: T.let[T.int32] = T.if_then_else(p0 + pi == npages - 1, last_page_len[b], P)
+                        # the cache is read once per step (cold): fetch the next page's K and V rows of this
+                        # head while this one is computed (pages are not in address order)
+                        nxt: T.let[T.int32] = page_table_values[begin + T.min(p0 + pi + 1, npages - 1)]
+                        for kv_, line in T.grid(2, P * D * 2 // 64):
+                            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                                pages[nxt, kv_, hk, line * 64 // (2 * D), line * 64 // 2 % D]),
+                                T.int32(0), T.int32(3), T.int32(1)))
+                        # all P rows are scored (a fixed-length loop); rows past the page's fill are masked
+                        for r in T.serial(P):
+                            for d in T.vectorized(D):
+                                kf[d] = T.Cast("float32", pages[page, 0, hk, r, d])
+                            score_row(q, kf, acc, sc, r)
+                        softmax_tile(sc, st, o, rows)
+                        for r in T.serial(rows):
+                            for d in T.vectorized(D):
+                                kf[d] = T.Cast("float32", pages[page, 1, hk, r, d])
+                            add_value_row(kf, sc, o, r)
+                    # an empty slice leaves max NEG and sum 0: weight 0 in the merge
+                    for g in T.serial(group):
                         for d in T.vectorized(D):
-                            kf[d] = T.Cast("float32", pages[page, 0, hk, r, d])
-                        score_row(q, kf, acc, sc, r)
-                    softmax_tile(sc, st, o, rows)
-                    for r in T.serial(rows):
+                            part_o[b, hk, task % NS, g, d] = o[g, d]
+                        part_st[b, hk, task % NS, g, 0] = st[g, 0]
+                        part_st[b, hk, task % NS, g, 1] = st[g, 1]
+            for bk in T.parallel(B * H_kv):
+                with T.sblock("merge"):
+                    T.reads(part_o[0:B, 0:H_kv, 0:NS, 0:group, 0:D], part_st[0:B, 0:H_kv, 0:NS, 0:group, 0:2])
+                    T.writes(output[0:B, 0:H_qo, 0:D], lse[0:B, 0:H_qo])
+                    o = T.sblock_alloc_buffer((group, D), "float32")
+                    st = T.sblock_alloc_buffer((group, 4), "float32")  # max, sum, a slice's weight
+                    b: T.let[T.int32] = bk // H_kv
+                    hk: T.let[T.int32] = bk % H_kv
+                    for g in T.serial(group):
+                        st[g, 0] = part_st[b, hk, 0, g, 0]
+                        for c in T.serial(1, NS):
+                            st[g, 0] = T.max(st[g, 0], part_st[b, hk, c, g, 0])
+                        st[g, 1] = T.float32(0)
                         for d in T.vectorized(D):
-                            kf[d] = T.Cast("float32", pages[page, 1, hk, r, d])
-                        add_value_row(kf, sc, o, r)
-                store(output, lse, b, hk, o, st)
+                            o[g, d] = T.float32(0)
+                        for c in T.serial(NS):
+                            st[g, 2] = _exp2(part_st[b, hk, c, g, 0] - st[g, 0])
+                            st[g, 1] = st[g, 1] + part_st[b, hk, c, g, 1] * st[g, 2]
+                            for d in T.vectorized(D):
+                                o[g, d] = o[g, d] + part_o[b, hk, c, g, d] * st[g, 2]
+                    store(output, lse, b, hk, o, st)
 
     return attn
 
