@@ -14,7 +14,9 @@ scalar and one thread, with one online-softmax rescale and two libm exp2 calls p
 softmax rescale once per page of tokens, and a polynomial exp2 that vectorizes. Its ragged prefill
 kernel scored every key for every query (masked or not) in scalar code, minutes for a 2048-token
 prompt; `prefill_attention_cpu` takes the chunk's own keys in tiles, many query rows at once, both products
-as register tiles (as the prefill GEMM), causal limit per row.
+as register tiles (as the prefill GEMM), causal limit per row; built with `page_size` it replaces the paged
+prefill kernel too (a chunk against the tokens cached before it: the next chat turn, a long prompt's
+second chunk), scalar and one thread in TVM.
 Their numpy reference is the CUDA decode kernel's, `tvm_kernels.decode_attention.reference`.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 LOG2E = math.log2(math.e)
 STOCK_DECODE_ATTENTION = "batch_decode_paged_kv_cpu"  # the global_symbol TVM 0.27 gives its CPU kernel
 STOCK_PREFILL_ATTENTION = "batch_prefill_ragged_kv"  # ... and its CPU ragged prefill kernel
+STOCK_PAGED_PREFILL_ATTENTION = "batch_prefill_paged_kv_cpu"  # ... and its paged one (not the sliding window's)
 ROPE_BLOCK = "llama_fused_rope"  # the block of the paged KV cache's fused_rope (TVM 0.27)
 # Decode attention splits each KV head's context into up to this many slices of at least this many pages,
 # parallel tasks whose partial softmax states a second loop merges (3 KV heads on 2 threads left a thread idle)
@@ -361,7 +364,8 @@ def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: st
     return attn
 
 
-def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", tile: int = 16):
+def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", tile: int = 16,
+                          page_size: int | None = None):
     """Attention of a chunk of new tokens to themselves (causal or not), with the signature of TVM's CPU
     `batch_prefill_ragged_kv`: q [n, H_qo, D], k/v [n_kv, H_kv, D] contiguous per sequence. The stock
     kernel scores every key for every query, masked or not, in scalar code (minutes for a 2048-token
@@ -373,7 +377,12 @@ def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", 
     limit per row), then o += p V with 6 rows' weights broadcast x 2 vectors of the head dim. The kernel it
     replaced (one query token per task: a dot product and a horizontal sum per score, every K/V row
     converted for every token) took 2.3x as long on 2 threads (benchmarks/kernels.py cpu-attention ->
-    attention_cpu.json: 45.6 against 107.5 ms for SmolLM2's heads at 2048 tokens)."""
+    attention_cpu.json: 45.6 against 107.5 ms for SmolLM2's heads at 2048 tokens).
+
+    `page_size`: the same kernel over the paged cache instead, with the signature of TVM's CPU
+    `batch_prefill_paged_kv_cpu` (no sliding window): a chunk's queries against the tokens cached before it
+    (a follow-up chat turn, the second chunk of a long prompt). TVM's kernel there runs one thread over every
+    (head, query, key) in scalar code: a 200-token turn after 1500 cached tokens took 4.5 s."""
     from tvm.script import tirx as T
 
     VL = 8
@@ -388,147 +397,214 @@ def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", 
     QT = R // group  # query tokens of a task
     CW = 2 * VL if D % (2 * VL) == 0 else VL  # output columns of an o += p V tile
     NEG = -5e4  # as the decode kernel: finite, so exp2(NEG - m) underflows to 0 without inf - inf
+    PAGED, PS = page_size is not None, page_size or 1
 
-    @T.prim_func(s_tir=True)
-    def attn(
-        var_q: T.handle,
-        var_q_indptr: T.handle,
-        var_k: T.handle,
-        var_v: T.handle,
-        var_kv_indptr: T.handle,
-        var_q_rope_position: T.handle,
-        var_k_rope_pos_offset: T.handle,
-        var_output: T.handle,
-        var_lse: T.handle,
-        causal: T.int32,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        batch_size = T.int32()
-        qo_len = T.int32()
-        kv_len = T.int32()
-        o_qi = T.int32()
-        o_ki = T.int32()
-        o_qr = T.int32()
-        o_kr = T.int32()
-        Q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=o_qi)
-        K = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
-        V = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=o_ki)
-        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=o_qr)  # noqa: F841
-        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=o_kr)  # noqa: F841
-        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-        assert rotary_mode == 0, "prefill_attention_cpu: inline rotary (rotary_mode 1) is not implemented"
-        for b in T.serial(batch_size):
-            for task in T.parallel((q_indptr[b + 1] - q_indptr[b] + QT - 1) // QT * H_kv):
-                with T.sblock("attn"):
-                    T.reads(Q[0:qo_len, 0:H_qo, 0:D], K[0:kv_len, 0:H_kv, 0:D], V[0:kv_len, 0:H_kv, 0:D],
-                            q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
-                    T.writes(output[0:qo_len, 0:H_qo, 0:D], lse[0:qo_len, 0:H_qo])
-                    # row r of a task: token r // group, query head r % group of this KV head
-                    qt = T.sblock_alloc_buffer((D, R), "float32")  # q, transposed: rows are vector lanes
-                    o = T.sblock_alloc_buffer((R, D), "float32")
-                    kf = T.sblock_alloc_buffer((P, D), "float32")
-                    vf = T.sblock_alloc_buffer((P, D), "float32")
-                    sc = T.sblock_alloc_buffer((P, R), "float32")  # scores, then weights, of the tile's keys
-                    acc = T.sblock_alloc_buffer((JT, RW), "float32")
-                    acc2 = T.sblock_alloc_buffer((RI, CW), "float32")
-                    lim = T.sblock_alloc_buffer((R,), "int32")  # keys row r sees
-                    st = T.sblock_alloc_buffer((3, R), "float32")  # running max, running sum, new max
-                    qlen: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                    klen: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                    # the task's first token. Causal rows grow with the token, and the thread pool hands each
-                    # thread one contiguous range of tasks: tiles are taken in the order first, last, second, ...
-                    # so that any two neighbouring tasks hold about the same work
-                    i: T.let[T.int32] = task // H_kv
-                    t0: T.let[T.int32] = T.if_then_else(i % 2 == 0, i // 2, (qlen + QT - 1) // QT - 1 - i // 2) * QT
-                    hk: T.let[T.int32] = task % H_kv
-                    k0: T.let[T.int32] = kv_indptr[b]
-                    for r in T.serial(R):
-                        for d in T.serial(D):
-                            # scores in base 2: exp(s) = exp2(s * log2(e)); tokens past the chunk repeat its last
-                            qt[d, r] = T.Cast("float32", Q[q_indptr[b] + T.min(t0 + r // group, qlen - 1),
-                                                           hk * group + r % group, d]) * sm_scale * T.float32(LOG2E)
-                        for d in T.vectorized(D):
-                            o[r, d] = T.float32(0)
-                        # TVM's _causal_mask: col < kv_len - qo_len + row + 1
-                        lim[r] = T.if_then_else(causal > 0, T.min(klen, klen - qlen + T.min(t0 + r // group, qlen - 1) + 1), klen)
-                    for rv in T.serial(R // VL):
+    @T.macro
+    def rows_task(Q, KV0, KV1, page_values, q0, qlen, klen, kbase, task, causal, sm_scale, output, lse):
+        """One task: R rows of the sequence whose tokens start at q0, against its klen keys (k / v rows from
+        kbase, or, PAGED, the pages listed from kbase in page_values), into output / lse."""
+        # row r of a task: token r // group, query head r % group of this KV head
+        qt = T.sblock_alloc_buffer((D, R), "float32")  # q, transposed: rows are vector lanes
+        o = T.sblock_alloc_buffer((R, D), "float32")
+        kf = T.sblock_alloc_buffer((P, D), "float32")
+        vf = T.sblock_alloc_buffer((P, D), "float32")
+        sc = T.sblock_alloc_buffer((P, R), "float32")  # scores, then weights, of the tile's keys
+        acc = T.sblock_alloc_buffer((JT, RW), "float32")
+        acc2 = T.sblock_alloc_buffer((RI, CW), "float32")
+        lim = T.sblock_alloc_buffer((R,), "int32")  # keys row r sees
+        st = T.sblock_alloc_buffer((3, R), "float32")  # running max, running sum, new max
+        # the task's first token. Causal rows grow with the token, and the thread pool hands each
+        # thread one contiguous range of tasks: tiles are taken in the order first, last, second, ...
+        # so that any two neighbouring tasks hold about the same work
+        i: T.let[T.int32] = task // H_kv
+        t0: T.let[T.int32] = T.if_then_else(i % 2 == 0, i // 2, (qlen + QT - 1) // QT - 1 - i // 2) * QT
+        hk: T.let[T.int32] = task % H_kv
+        for r in T.serial(R):
+            for d in T.serial(D):
+                # scores in base 2: exp(s) = exp2(s * log2(e)); tokens past the chunk repeat its last
+                qt[d, r] = T.Cast("float32", Q[q0 + T.min(t0 + r // group, qlen - 1),
+                                               hk * group + r % group, d]) * sm_scale * T.float32(LOG2E)
+            for d in T.vectorized(D):
+                o[r, d] = T.float32(0)
+            # TVM's _causal_mask: col < kv_len - qo_len + row + 1
+            lim[r] = T.if_then_else(causal > 0, T.min(klen, klen - qlen + T.min(t0 + r // group, qlen - 1) + 1), klen)
+        for rv in T.serial(R // VL):
+            for v in T.vectorized(VL):
+                st[0, rv * VL + v] = T.float32(NEG)
+                st[1, rv * VL + v] = T.float32(0)
+        for kb in T.serial((lim[R - 1] + P - 1) // P):  # up to the keys the last row sees
+            # the tile's keys and values in float32 once for all R rows (past `lim[R - 1]`: its last
+            # key again, masked below)
+            for j in T.serial(P):
+                key: T.let[T.int32] = T.min(kb * P + j, lim[R - 1] - 1)
+                if PAGED:  # kbase: the sequence's first entry in the page table
+                    page: T.let[T.int32] = page_values[kbase + key // PS]
+                    for d in T.vectorized(D):
+                        kf[j, d] = T.Cast("float32", KV0[page, 0, hk, key % PS, d])
+                        vf[j, d] = T.Cast("float32", KV1[page, 1, hk, key % PS, d])
+                else:  # kbase: the sequence's first row of k / v
+                    for d in T.vectorized(D):
+                        kf[j, d] = T.Cast("float32", KV0[kbase + key, hk, d])
+                        vf[j, d] = T.Cast("float32", KV1[kbase + key, hk, d])
+            for rw in T.serial(R // RW):
+                for jc in T.serial(P // JT):
+                    # 8-lane vectors spelled out: LLVM widens a 24-lane one and assembles it lane by lane
+                    for jj, rv in T.grid(JT, RW // VL):
                         for v in T.vectorized(VL):
-                            st[0, rv * VL + v] = T.float32(NEG)
-                            st[1, rv * VL + v] = T.float32(0)
-                    for kb in T.serial((lim[R - 1] + P - 1) // P):  # up to the keys the last row sees
-                        # the tile's keys and values in float32 once for all R rows (past `lim[R - 1]`: its last
-                        # key again, masked below)
-                        for j in T.serial(P):
-                            for d in T.vectorized(D):
-                                kf[j, d] = T.Cast("float32", K[k0 + T.min(kb * P + j, lim[R - 1] - 1), hk, d])
-                                vf[j, d] = T.Cast("float32", V[k0 + T.min(kb * P + j, lim[R - 1] - 1), hk, d])
-                        for rw in T.serial(R // RW):
-                            for jc in T.serial(P // JT):
-                                # 8-lane vectors spelled out: LLVM widens a 24-lane one and assembles it lane by lane
-                                for jj, rv in T.grid(JT, RW // VL):
-                                    for v in T.vectorized(VL):
-                                        acc[jj, rv * VL + v] = T.float32(0)
-                                for d in T.serial(D):
-                                    for jj in T.unroll(JT):
-                                        for rv in T.unroll(RW // VL):
-                                            for v in T.vectorized(VL):
-                                                acc[jj, rv * VL + v] = (acc[jj, rv * VL + v] + kf[jc * JT + jj, d]
-                                                                        * qt[d, rw * RW + rv * VL + v])
-                                for jj, rv in T.grid(JT, RW // VL):
-                                    for v in T.vectorized(VL):
-                                        sc[jc * JT + jj, rw * RW + rv * VL + v] = acc[jj, rv * VL + v]
-                        # online softmax, every row at once (rows are vector lanes)
-                        for rv in T.serial(R // VL):
-                            for v in T.vectorized(VL):
-                                st[2, rv * VL + v] = st[0, rv * VL + v]
-                        for j in T.serial(P):
-                            for rv in T.serial(R // VL):
+                            acc[jj, rv * VL + v] = T.float32(0)
+                    for d in T.serial(D):
+                        for jj in T.unroll(JT):
+                            for rv in T.unroll(RW // VL):
                                 for v in T.vectorized(VL):
-                                    st[2, rv * VL + v] = T.if_then_else(kb * P + j < lim[rv * VL + v], T.max(st[2, rv * VL + v], sc[j, rv * VL + v]), st[2, rv * VL + v])
-                        for j in T.serial(P):
-                            for rv in T.serial(R // VL):
-                                for v in T.vectorized(VL):
-                                    sc[j, rv * VL + v] = T.if_then_else(kb * P + j < lim[rv * VL + v], _exp2(sc[j, rv * VL + v] - st[2, rv * VL + v]), T.float32(0))
-                        for rv in T.serial(R // VL):
-                            for v in T.vectorized(VL):
-                                st[0, rv * VL + v] = _exp2(st[0, rv * VL + v] - st[2, rv * VL + v])  # the old sums' rescale, for a moment
-                                st[1, rv * VL + v] = st[1, rv * VL + v] * st[0, rv * VL + v]
-                        for j in T.serial(P):
-                            for rv in T.serial(R // VL):
-                                for v in T.vectorized(VL):
-                                    st[1, rv * VL + v] = st[1, rv * VL + v] + sc[j, rv * VL + v]
-                        for r in T.serial(R):
-                            for d in T.vectorized(D):
-                                o[r, d] = o[r, d] * st[0, r]
-                        for rv in T.serial(R // VL):
-                            for v in T.vectorized(VL):
-                                st[0, rv * VL + v] = st[2, rv * VL + v]
-                        for rc in T.serial(R // RI):
-                            for dc in T.serial(D // CW):
-                                for ri in T.unroll(RI):
-                                    for c in T.vectorized(CW):
-                                        acc2[ri, c] = o[rc * RI + ri, dc * CW + c]
-                                for j in T.serial(P):
-                                    for ri in T.unroll(RI):
-                                        for c in T.vectorized(CW):
-                                            acc2[ri, c] = acc2[ri, c] + sc[j, rc * RI + ri] * vf[j, dc * CW + c]
-                                for ri in T.unroll(RI):
-                                    for c in T.vectorized(CW):
-                                        o[rc * RI + ri, dc * CW + c] = acc2[ri, c]
-                    for r in T.serial(R):
-                        if t0 + r // group < qlen:
-                            for d in T.vectorized(D):
-                                output[q_indptr[b] + t0 + r // group, hk * group + r % group, d] = T.Cast(
-                                    dtype, T.if_then_else(st[1, r] > T.float32(0), o[r, d] / st[1, r], T.float32(0)))
-                            lse[q_indptr[b] + t0 + r // group, hk * group + r % group] = (
-                                st[0, r] + T.log2(T.max(st[1, r], T.float32(1e-30))))
+                                    acc[jj, rv * VL + v] = (acc[jj, rv * VL + v] + kf[jc * JT + jj, d]
+                                                            * qt[d, rw * RW + rv * VL + v])
+                    for jj, rv in T.grid(JT, RW // VL):
+                        for v in T.vectorized(VL):
+                            sc[jc * JT + jj, rw * RW + rv * VL + v] = acc[jj, rv * VL + v]
+            # online softmax, every row at once (rows are vector lanes)
+            for rv in T.serial(R // VL):
+                for v in T.vectorized(VL):
+                    st[2, rv * VL + v] = st[0, rv * VL + v]
+            for j in T.serial(P):
+                for rv in T.serial(R // VL):
+                    for v in T.vectorized(VL):
+                        st[2, rv * VL + v] = T.if_then_else(kb * P + j < lim[rv * VL + v], T.max(st[2, rv * VL + v], sc[j, rv * VL + v]), st[2, rv * VL + v])
+            for j in T.serial(P):
+                for rv in T.serial(R // VL):
+                    for v in T.vectorized(VL):
+                        sc[j, rv * VL + v] = T.if_then_else(kb * P + j < lim[rv * VL + v], _exp2(sc[j, rv * VL + v] - st[2, rv * VL + v]), T.float32(0))
+            for rv in T.serial(R // VL):
+                for v in T.vectorized(VL):
+                    st[0, rv * VL + v] = _exp2(st[0, rv * VL + v] - st[2, rv * VL + v])  # the old sums' rescale, for a moment
+                    st[1, rv * VL + v] = st[1, rv * VL + v] * st[0, rv * VL + v]
+            for j in T.serial(P):
+                for rv in T.serial(R // VL):
+                    for v in T.vectorized(VL):
+                        st[1, rv * VL + v] = st[1, rv * VL + v] + sc[j, rv * VL + v]
+            for r in T.serial(R):
+                for d in T.vectorized(D):
+                    o[r, d] = o[r, d] * st[0, r]
+            for rv in T.serial(R // VL):
+                for v in T.vectorized(VL):
+                    st[0, rv * VL + v] = st[2, rv * VL + v]
+            for rc in T.serial(R // RI):
+                for dc in T.serial(D // CW):
+                    for ri in T.unroll(RI):
+                        for c in T.vectorized(CW):
+                            acc2[ri, c] = o[rc * RI + ri, dc * CW + c]
+                    for j in T.serial(P):
+                        for ri in T.unroll(RI):
+                            for c in T.vectorized(CW):
+                                acc2[ri, c] = acc2[ri, c] + sc[j, rc * RI + ri] * vf[j, dc * CW + c]
+                    for ri in T.unroll(RI):
+                        for c in T.vectorized(CW):
+                            o[rc * RI + ri, dc * CW + c] = acc2[ri, c]
+        for r in T.serial(R):
+            if t0 + r // group < qlen:
+                for d in T.vectorized(D):
+                    output[q0 + t0 + r // group, hk * group + r % group, d] = T.Cast(
+                        dtype, T.if_then_else(st[1, r] > T.float32(0), o[r, d] / st[1, r], T.float32(0)))
+                lse[q0 + t0 + r // group, hk * group + r % group] = (
+                    st[0, r] + T.log2(T.max(st[1, r], T.float32(1e-30))))
+
+
+    if PAGED:
+        @T.prim_func(s_tir=True)
+        def attn(
+            var_q: T.handle,
+            var_q_indptr: T.handle,
+            var_pages: T.handle,
+            var_page_indptr: T.handle,
+            var_page_values: T.handle,
+            var_length_info: T.handle,
+            var_k_rope_pos_offset: T.handle,
+            var_q_rope_position: T.handle,
+            var_output: T.handle,
+            var_lse: T.handle,
+            causal: T.int32,
+            rotary_mode: T.int32,
+            rope_scale: T.float32,
+            rope_theta: T.float32,
+            sm_scale: T.float32,
+        ):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            batch_size = T.int32()
+            qo_len = T.int32()
+            nnz_pages = T.int32()
+            max_num_pages = T.int32()
+            o_qi = T.int32()
+            o_pi = T.int32()
+            o_pv = T.int32()
+            o_kr = T.int32()
+            o_qr = T.int32()
+            o_len = T.int32()
+            Q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
+            q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=o_qi)
+            pages = T.match_buffer(var_pages, (max_num_pages, 2, H_kv, PS, D), dtype)
+            page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=o_pi)
+            page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=o_pv)
+            last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=o_len)
+            k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=o_kr)  # noqa: F841
+            q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=o_qr)  # noqa: F841
+            output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
+            lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
+            assert rotary_mode == 0, "prefill_attention_cpu: inline rotary (rotary_mode 1) is not implemented"
+            for b in T.serial(batch_size):
+                for task in T.parallel((q_indptr[b + 1] - q_indptr[b] + QT - 1) // QT * H_kv):
+                    with T.sblock("attn"):
+                        T.reads(Q[0:qo_len, 0:H_qo, 0:D], pages[0:max_num_pages, 0:2, 0:H_kv, 0:PS, 0:D],
+                                q_indptr[0:batch_size + 1], page_indptr[0:batch_size + 1], page_values[0:nnz_pages],
+                                last_page_len[0:batch_size])
+                        T.writes(output[0:qo_len, 0:H_qo, 0:D], lse[0:qo_len, 0:H_qo])
+                        npages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                        # TVM's _get_kv_chunk_len: full pages and the last page's fill
+                        rows_task(Q, pages, pages, page_values, q_indptr[b], q_indptr[b + 1] - q_indptr[b],
+                                  T.if_then_else(npages > 0, (npages - 1) * PS + last_page_len[b], 0),
+                                  page_indptr[b], task, causal, sm_scale, output, lse)
+    else:
+        @T.prim_func(s_tir=True)
+        def attn(
+            var_q: T.handle,
+            var_q_indptr: T.handle,
+            var_k: T.handle,
+            var_v: T.handle,
+            var_kv_indptr: T.handle,
+            var_q_rope_position: T.handle,
+            var_k_rope_pos_offset: T.handle,
+            var_output: T.handle,
+            var_lse: T.handle,
+            causal: T.int32,
+            rotary_mode: T.int32,
+            rope_scale: T.float32,
+            rope_theta: T.float32,
+            sm_scale: T.float32,
+        ):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            batch_size = T.int32()
+            qo_len = T.int32()
+            kv_len = T.int32()
+            o_qi = T.int32()
+            o_ki = T.int32()
+            o_qr = T.int32()
+            o_kr = T.int32()
+            Q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
+            q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=o_qi)
+            K = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
+            V = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
+            kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=o_ki)
+            q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=o_qr)  # noqa: F841
+            k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=o_kr)  # noqa: F841
+            output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
+            lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
+            assert rotary_mode == 0, "prefill_attention_cpu: inline rotary (rotary_mode 1) is not implemented"
+            for b in T.serial(batch_size):
+                for task in T.parallel((q_indptr[b + 1] - q_indptr[b] + QT - 1) // QT * H_kv):
+                    with T.sblock("attn"):
+                        T.reads(Q[0:qo_len, 0:H_qo, 0:D], K[0:kv_len, 0:H_kv, 0:D], V[0:kv_len, 0:H_kv, 0:D],
+                                q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
+                        T.writes(output[0:qo_len, 0:H_qo, 0:D], lse[0:qo_len, 0:H_qo])
+                        rows_task(Q, K, V, kv_indptr, q_indptr[b], q_indptr[b + 1] - q_indptr[b],
+                                  kv_indptr[b + 1] - kv_indptr[b], kv_indptr[b], task, causal, sm_scale, output, lse)
 
     return attn
 
@@ -553,8 +629,9 @@ def _accessed_buffers(func) -> dict:
 
 
 def attention_pass():
-    """Module pass: replace TVM's CPU paged decode attention and ragged prefill attention by
-    decode_attention_cpu / prefill_attention_cpu (shapes read from the stock functions' buffers)."""
+    """Module pass: replace TVM's CPU paged decode attention, ragged prefill attention and paged prefill
+    attention (not the sliding-window variants) by decode_attention_cpu / prefill_attention_cpu (shapes read
+    from the stock functions' buffers)."""
     import tvm
     from tvm import tirx
 
@@ -567,6 +644,10 @@ def attention_pass():
                 and int(bufs["k"].shape[2]) == int(bufs["v"].shape[2]):
             _, h_qo, d = bufs["q"].shape
             return prefill_attention_cpu(int(h_qo), int(bufs["k"].shape[1]), int(d), str(bufs["q"].dtype))
+        if name == STOCK_PAGED_PREFILL_ATTENTION and {"q", "pages"} <= set(bufs):
+            _, h_qo, _ = bufs["q"].shape
+            _, _, h_kv, page_size, d = bufs["pages"].shape
+            return prefill_attention_cpu(int(h_qo), int(h_kv), int(d), str(bufs["q"].dtype), page_size=int(page_size))
         raise RuntimeError(f"{name}: unexpected TVM kernel (buffers {sorted(bufs)}); "
                            f"update export/cpu_schedule.py for this TVM version")
 
@@ -576,7 +657,7 @@ def attention_pass():
             if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
                 continue
             name = func.attrs.get("global_symbol")
-            if name in (STOCK_DECODE_ATTENTION, STOCK_PREFILL_ATTENTION):
+            if name in (STOCK_DECODE_ATTENTION, STOCK_PREFILL_ATTENTION, STOCK_PAGED_PREFILL_ATTENTION):
                 mod[gv] = replacement(name, _accessed_buffers(func)).with_attr("global_symbol", name)
         return mod
 

@@ -246,6 +246,35 @@ def test_cpu_prefill_attention_matches_reference(q_len, kv_len, causal, heads):
         np.testing.assert_allclose(args[8].numpy()[i], lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_len,kv_len,causal", [(5, 130, 0), (37, 200, 1), (1, 17, 0)])
+def test_cpu_paged_prefill_attention_matches_reference(q_len, kv_len, causal):
+    """The paged variant (a chunk against cached tokens): pages out of order, a partly filled last page."""
+    from export.cpu_schedule import prefill_attention_cpu
+    from tvm_kernels.decode_attention import reference as decode_attention_reference
+
+    rng = np.random.default_rng(q_len + kv_len)
+    n_pages = -(-kv_len // ATT_PAGE)
+    pages = np.full((n_pages + 3, 2, ATT_HK, ATT_PAGE, ATT_D), np.nan, np.float16)
+    order = rng.permutation(n_pages + 3)[:n_pages].astype(np.int32)
+    k = rng.standard_normal((kv_len, ATT_HK, ATT_D)).astype(np.float16)
+    v = rng.standard_normal((kv_len, ATT_HK, ATT_D)).astype(np.float16)
+    for t in range(kv_len):
+        pages[order[t // ATT_PAGE], :, :, t % ATT_PAGE] = np.stack([k[t], v[t]])
+    q = rng.standard_normal((q_len, ATT_H, ATT_D)).astype(np.float16)
+    last = kv_len - (n_pages - 1) * ATT_PAGE
+    args = [tvm.runtime.tensor(a) for a in (
+        q, np.array([0, q_len], np.int32), pages, np.array([0, n_pages], np.int32), order,
+        np.array([last], np.int32), np.zeros(1, np.int32), np.zeros(q_len, np.int32),
+        np.zeros((q_len, ATT_H, ATT_D), np.float16), np.zeros((q_len, ATT_H), np.float32))]
+    _cpu_lib(prefill_attention_cpu(ATT_H, ATT_HK, ATT_D, page_size=ATT_PAGE))["main"](*args, causal, 0, 1.0, 1e4,
+                                                                                    ATT_D ** -0.5)
+    for i in range(q_len):
+        seen = min(kv_len, kv_len - q_len + i + 1) if causal else kv_len  # TVM's causal mask
+        out, lse = decode_attention_reference(q[i], k[:seen], v[:seen], ATT_D ** -0.5)
+        np.testing.assert_allclose(args[8].numpy()[i].astype(np.float32), out, atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(args[9].numpy()[i], lse, atol=1e-4, rtol=1e-5)
+
+
 def test_cpu_prefill_attention_two_sequences():
     """A ragged batch: each sequence attends only to its own keys, with its own causal offset."""
     from export.cpu_schedule import prefill_attention_cpu
