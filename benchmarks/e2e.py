@@ -4,7 +4,8 @@ Subcommands
   cpu            here, side by side on this machine: the `cpu` export of SmolLM2 AWQ g64 through the
                  runtime, torch FP32 eager (transformers generate) on the FP16 reference, llama.cpp
                  (llama-cpp-python) on the shared Q4_1 GGUF. -> benchmarks/results/e2e_cpu.json
-  cpu-turn       here: a follow-up chat turn (prefill after cached tokens) of cpu artifacts side by side
+  turn           a follow-up chat turn (prefill after cached tokens) of artifacts side by side: cpu ones
+                 here, or with --gpu on the GPU machine
   prepare-gpu    here: build cuda-sm90 exports (SmolLM2 AWQ g64 with its real weights, split in two
                  parts because a device call carries at most 64 MiB; weights-less SmolLM2 FP16 and
                  Llama-2-7B-shape W4 g128 / FP16 for speed) into .gpu/h5/
@@ -70,18 +71,20 @@ def header(extra: dict | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------
 # CPU side by side
 
-def cmd_cpu_turn(args) -> int:
-    """A follow-up chat turn on the CPU: `--turn` new tokens prefilled after `--history` cached ones (the
-    cache kept, as `awq-edge chat` does), against the same tokens prefilled with no history; artifacts
-    alternate for --rounds, best round each. The follow-up's attention to the cached tokens is the KV
-    cache's paged prefill kernel."""
+def cmd_turn(args) -> int:
+    """A follow-up chat turn: `--turn` new tokens prefilled after `--history` cached ones (the cache kept,
+    as `awq-edge chat` does), against the same tokens prefilled with no history; artifacts alternate for
+    --rounds, best round each. The follow-up's attention to the cached tokens is the KV cache's paged
+    prefill kernel. CPU artifacts by path; with --gpu, names under .gpu/h5 (random weights)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    if args.gpu:
+        import torch  # noqa: F401  (loads libcudart.so.13 from torch's wheels before the TVM runtime)
     from runtime.engine import Engine
 
     rng = np.random.default_rng(0)
     hist = [int(t) for t in rng.integers(100, 40000, args.history)]
     turn = [int(t) for t in rng.integers(100, 40000, args.turn)]
-    engines = {a: Engine(a) for a in args.artifacts}
+    engines = {a: _engine_ab(a) if args.gpu else Engine(a) for a in args.artifacts}
     best: dict = {}
     for _ in range(args.rounds):
         for a, eng in engines.items():
@@ -102,9 +105,11 @@ def cmd_cpu_turn(args) -> int:
         row["turn_tokens_per_s"] = args.turn / row["turn_after_history_s"]
         print(f"{a}: +{args.turn} tokens after {args.history}: {row['turn_after_history_s'] * 1e3:.0f} ms "
               f"({row['turn_tokens_per_s']:.0f} tok/s); alone {row['turn_alone_s'] * 1e3:.0f} ms")
-    out = RESULTS / args.json
-    out.write_text(json.dumps(header({"threads": args.threads, "history": args.history, "turn": args.turn,
-                                      "rounds": args.rounds, "best": best}), indent=2))
+    out = Path(args.out) / args.json if args.out else RESULTS / args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(header({"device": _device_info() if args.gpu else "cpu", "threads": args.threads,
+                                      "history": args.history, "turn": args.turn, "rounds": args.rounds,
+                                      "best": best}), indent=2))
     print("wrote", out)
     return 0
 
@@ -942,14 +947,16 @@ def main(argv=None) -> int:
     c.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and llama.cpp (best of each)")
     c.add_argument("--json", default="e2e_cpu.json")
     c.set_defaults(func=cmd_cpu)
-    ct = sub.add_parser("cpu-turn")
-    ct.add_argument("artifacts", nargs="+", help="cpu artifacts, timed side by side")
+    ct = sub.add_parser("turn")
+    ct.add_argument("artifacts", nargs="+", help="artifacts timed side by side (cpu: paths; --gpu: names under .gpu/h5)")
+    ct.add_argument("--gpu", action="store_true")
+    ct.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     ct.add_argument("--history", type=int, default=1500)
     ct.add_argument("--turn", type=int, default=200)
     ct.add_argument("--threads", type=int, default=2)
     ct.add_argument("--rounds", type=int, default=3)
     ct.add_argument("--json", default="e2e_cpu_turn.json")
-    ct.set_defaults(func=cmd_cpu_turn)
+    ct.set_defaults(func=cmd_turn)
     g = sub.add_parser("prepare-gpu")
     g.add_argument("--checkpoint", default=str(CACHE / "smollm2-awq-g64"))
     g.add_argument("--part-a-mb", type=int, default=45)
