@@ -81,10 +81,10 @@ def cmd_turn(args) -> int:
         import torch  # noqa: F401  (loads libcudart.so.13 from torch's wheels before the TVM runtime)
     from runtime.engine import Engine
 
-    rng = np.random.default_rng(0)
-    hist = [int(t) for t in rng.integers(100, 40000, args.history)]
-    turn = [int(t) for t in rng.integers(100, 40000, args.turn)]
     engines = {a: _engine_ab(a) if args.gpu else Engine(a) for a in args.artifacts}
+    rng, vocab = np.random.default_rng(0), min(e.vocab for e in engines.values())
+    hist = [int(t) for t in rng.integers(100, vocab, args.history)]
+    turn = [int(t) for t in rng.integers(100, vocab, args.turn)]
     best: dict = {}
     for _ in range(args.rounds):
         for a, eng in engines.items():

@@ -331,12 +331,19 @@ class Engine:
     def _check_room(self, n_new: int):
         self._check_fits(len(self.cached) + n_new)
 
+    def _check_ids(self, ids: np.ndarray):
+        # an id past the embedding table reads outside it: garbage on the CPU, an illegal address on the GPU
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab:
+            raise UserError(f"token id {lo if lo < 0 else hi} is outside this artifact's vocabulary (0..{self.vocab - 1})")
+
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Bring the cache to hold exactly `ids`; return the last position's logits (vocab floats)."""
         ids = [int(i) for i in ids]
         if not ids:
             raise UserError("empty prompt")
         self._check_fits(len(ids))  # the cache will hold exactly `ids` (shared prefix kept)
+        self._check_ids(np.asarray(ids))
         common = 0
         for a, b in zip(self.cached, ids):
             if a != b:
@@ -357,6 +364,8 @@ class Engine:
 
     def decode(self, token: int) -> np.ndarray:
         self._check_room(1)
+        if not 0 <= token < self.vocab:
+            self._check_ids(np.asarray([token]))
         if self.graph is not None:
             return self._graph_step(token)
         out = self._forward("decode", np.asarray([token], dtype=np.int32))
@@ -369,6 +378,7 @@ class Engine:
         ids = np.asarray(ids, dtype=np.int32)
         self.reset()
         self._check_room(len(ids))
+        self._check_ids(ids)
         outs = []
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start:start + self.prefill_chunk]

@@ -182,6 +182,18 @@ def test_prompt_too_long_is_a_clear_error(engine):
     assert r.finish_reason == "context" and r.prompt_tokens + len(r.token_ids) == CONTEXT + 1
 
 
+def test_token_id_outside_the_vocabulary_is_a_clear_error(engine):
+    V = engine.vocab
+    with pytest.raises(UserError, match=rf"token id {V} is outside this artifact's vocabulary \(0..{V - 1}\)"):
+        engine.prefill([3, 4, V])
+    with pytest.raises(UserError, match=r"token id -1 is outside"):
+        engine.prefill([-1, 4])
+    engine.reset()
+    engine.prefill([3, 4])
+    with pytest.raises(UserError, match=rf"token id {V + 5} is outside"):
+        engine.decode(V + 5)
+
+
 def _copy(art, tmp_path):
     dst = tmp_path / "art"
     shutil.copytree(art, dst)
