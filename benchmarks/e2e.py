@@ -94,17 +94,22 @@ def cmd_turn(args) -> int:
             logits = eng.prefill(hist + turn)
             after = time.perf_counter() - t
             eng.reset()
+            whole = eng.prefill(hist + turn)  # the same tokens in one prefill: the logits to match
+            eng.reset()
             t = time.perf_counter()
             eng.prefill(turn)
             alone = time.perf_counter() - t
             row = best.setdefault(a, {"turn_after_history_s": after, "turn_alone_s": alone})
+            row["max_abs_logit_diff_vs_one_prefill"] = float(np.abs(logits - whole).max())
+            row["argmax_equal_to_one_prefill"] = int(np.argmax(logits)) == int(np.argmax(whole))
             row["turn_after_history_s"] = min(row["turn_after_history_s"], after)
             row["turn_alone_s"] = min(row["turn_alone_s"], alone)
             row["argmax_after_history"] = int(np.argmax(logits))
     for a, row in best.items():
         row["turn_tokens_per_s"] = args.turn / row["turn_after_history_s"]
-        print(f"{a}: +{args.turn} tokens after {args.history}: {row['turn_after_history_s'] * 1e3:.0f} ms "
-              f"({row['turn_tokens_per_s']:.0f} tok/s); alone {row['turn_alone_s'] * 1e3:.0f} ms")
+        print(f"{a}: +{args.turn} tokens after {args.history}: {row['turn_after_history_s'] * 1e3:.1f} ms "
+              f"({row['turn_tokens_per_s']:.0f} tok/s); alone {row['turn_alone_s'] * 1e3:.1f} ms; logits vs one "
+              f"prefill {row['max_abs_logit_diff_vs_one_prefill']:.4f}, argmax equal {row['argmax_equal_to_one_prefill']}")
     out = Path(args.out) / args.json if args.out else RESULTS / args.json
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(header({"device": _device_info() if args.gpu else "cpu", "threads": args.threads,

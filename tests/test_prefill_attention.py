@@ -51,5 +51,6 @@ def test_bad_shapes():
 def test_cuda_build(tmp_path, target, arch):
     build_and_check_cubin(tmp_path, target, arch, """
         from tvm_kernels.prefill_attention import prefill_attention
-        funcs = {"pattn_mha": prefill_attention(32, 32, 128, t), "pattn_gqa": prefill_attention(3, 9, 64, t)}
+        funcs = {"pattn_mha": prefill_attention(32, 32, 128, t), "pattn_gqa": prefill_attention(3, 9, 64, t),
+                 "pattn_paged": prefill_attention(3, 9, 64, t, page_size=16)}  # over the cached pages
     """)
