@@ -119,11 +119,12 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, targe
         """Where key j of the sequence starting at `base` lives: its k / v row, or PAGED its page."""
         return pv[base + j // PS] if PAGED else base + j
 
-    def kv_row(KV0, KV1, src, j, which, head, col):
-        """Element `col` of key (which 0) or value (1) j, found at `src` (kv_src)."""
+    def kv_row(KV0, KV1, src, base, j, which, head, col):
+        """Element `col` of key (which 0) or value (1) j, found at `src` (kv_src; ragged rows index from
+        `base` directly, so their loads compile as before the paged variant existed)."""
         if PAGED:
             return KV0[src, which, head, j % PS, col]
-        return (KV1 if which else KV0)[src, head, col]
+        return (KV1 if which else KV0)[base + j, head, col]
 
     @T.macro
     def attend(q, q_indptr, KV0, KV1, pv, kvi, lpl, output, lse, causal, sm_scale, B, Lq, bx, by, ty, tx):
@@ -207,10 +208,10 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, targe
                             src: T.let[T.int32] = kv_src(pv, kv_base, kv0 + r)
                             for i0 in T.unroll(VEC // KV_VEC):
                                 for i1 in T.vectorized(KV_VEC):
-                                    KVs[r, col + i0 * KV_VEC + i1] = kv_row(KV0, KV1, src, kv0 + r, 0, by, col + i0 * KV_VEC + i1)
+                                    KVs[r, col + i0 * KV_VEC + i1] = kv_row(KV0, KV1, src, kv_base, kv0 + r, 0, by, col + i0 * KV_VEC + i1)
                             for i0 in T.unroll(VEC // KV_VEC):
                                 for i1 in T.vectorized(KV_VEC):
-                                    KVs[BN + r, col + i0 * KV_VEC + i1] = kv_row(KV0, KV1, src, kv0 + r, 1, by, col + i0 * KV_VEC + i1)
+                                    KVs[BN + r, col + i0 * KV_VEC + i1] = kv_row(KV0, KV1, src, kv_base, kv0 + r, 1, by, col + i0 * KV_VEC + i1)
                         else:  # zeros, not garbage: P = 0 times NaN would still be NaN
                             for i in T.vectorized(VEC):
                                 KVs[r, col + i] = T.float16(0)
