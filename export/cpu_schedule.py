@@ -10,8 +10,9 @@ innermost dimension. Hand-scheduled kernels (tvm_kernels) arrive marked as sched
 Decode attention: TVM's paged KV cache brings its own CPU decode kernel (`batch_decode_paged_kv_cpu`),
 scalar and one thread, with one online-softmax rescale and two libm exp2 calls per cached token: at a
 2048-token context it was most of a SmolLM2 decode step. `attention_pass` swaps it for
-`decode_attention_cpu` below (same signature): heads in parallel, head_dim in vector lanes, the
-softmax rescale once per page of tokens, and a polynomial exp2 that vectorizes. Its ragged prefill
+`decode_attention_cpu` below (same signature): KV heads and slices of the context in parallel (a second
+loop merges the slices), head_dim in vector lanes, the softmax rescale once per page of tokens, and a
+polynomial exp2 that vectorizes. Its ragged prefill
 kernel scored every key for every query (masked or not) in scalar code, minutes for a 2048-token
 prompt; `prefill_attention_cpu` takes the chunk's own keys in tiles, many query rows at once, both products
 as register tiles (as the prefill GEMM), causal limit per row; built with `page_size` it replaces the paged
@@ -243,7 +244,9 @@ def _attention_macros(group: int, D: int, P: int, dtype: str):
 def decode_attention_cpu(H_qo: int, H_kv: int, D: int, page_size: int, dtype: str = "float16"):
     """Decode attention (one query token per sequence) over the paged cache, with the signature of TVM's
     `batch_decode_paged_kv_cpu` (no sliding window). Rotary embedding must already be applied to q and the
-    cached k (RopeMode.NORMAL: the cache's split_rotary does it); rotary_mode 1 (inline) is refused."""
+    cached k (RopeMode.NORMAL: the cache's split_rotary does it); rotary_mode 1 (inline) is refused.
+    Tasks: each KV head's context in up to DECODE_SLICES slices; each slice leaves its unnormalized output,
+    running max and sum, merged per head by a second parallel loop (e2e_cpu_decode_attention_ab.json)."""
     from tvm.script import tirx as T
 
     P = page_size

@@ -295,7 +295,7 @@ def _cuda(V: int, dt: DeviceTarget):
                             n[0] = 0  # 1: the threshold found among the candidates
                             if T.Cast("int32", cfg[2]) <= TX:
                                 # T0, the k-th largest of the threads' own maxima: k threads hold a logit >= T0, so
-                                # the threshold is >= T0, and only the logits >= T0 (k to 2k for real rows) decide it
+                                # the threshold is >= T0, and only the logits >= T0 (about k to 1.6k of a random row) decide it
                                 k[1] = T.uint32(0)
                                 for b in T.serial(32):
                                     k[2] = k[1] | (T.uint32(1) << (T.uint32(31) - T.Cast("uint32", b)))
