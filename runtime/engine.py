@@ -333,6 +333,8 @@ class Engine:
 
     def _check_ids(self, ids: np.ndarray):
         # an id past the embedding table reads outside it: garbage on the CPU, an illegal address on the GPU
+        if not ids.size:
+            return
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab:
             raise UserError(f"token id {lo if lo < 0 else hi} is outside this artifact's vocabulary (0..{self.vocab - 1})")
