@@ -448,22 +448,49 @@ print(json.dumps(out))
 """
 
 
-def cmd_cpu_attention(args) -> int:
-    """The llvm causal prefill attention (export.cpu_schedule.prefill_attention_cpu, SmolLM2's heads) on
-    one chunk: this checkout's against another's (--baseline-repo), alternating rounds, best round each."""
+def _checkouts(args) -> dict[str, str]:
     repos = {"ours": str(REPO)}
     if args.baseline_repo:
         repos["baseline"] = str(Path(args.baseline_repo).resolve())
-    best: dict = {}
+    return repos
+
+
+def _time_checkouts(timer: str, repos: dict, args, payload, key, check, best: dict) -> None:
+    """One round: `timer` (a script: repo, target, threads, JSON payload -> JSON rows) for each checkout in
+    turn; `best[name][key(row)]` keeps each row's fastest. `check(row)`: an error message, or None."""
+    for name, repo in repos.items():
+        proc = subprocess.run([sys.executable, "-c", timer, repo, args.target, str(args.threads), json.dumps(payload)],
+                              capture_output=True, text=True, check=True)
+        for row in json.loads(proc.stdout.strip().splitlines()[-1]):
+            if (msg := check(row)) is not None:
+                raise SystemExit(f"{name} {key(row)}: {msg}")
+            prev = best.setdefault(name, {}).get(key(row))
+            best[name][key(row)] = row if prev is None or row["sec"] < prev["sec"] else prev
+
+
+def _write_cpu_ab(args, repos: dict, timing: str, **fields) -> int:
+    baseline = None
+    if "baseline" in repos:
+        baseline = subprocess.run(["git", "-C", repos["baseline"], "rev-parse", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip() or None
+    res = {"device": f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores): {_cpu_name()}",
+           "target": args.target, "threads": args.threads, "commit": git_commit(), "baseline_commit": baseline,
+           "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.utcnow().isoformat() + "Z",
+           "load_average_1_5_15": list(os.getloadavg()), "timing": timing, **fields}
+    out = RESULTS / args.json
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_cpu_attention(args) -> int:
+    """The llvm causal prefill attention (export.cpu_schedule.prefill_attention_cpu, SmolLM2's heads) on
+    one chunk: this checkout's against another's (--baseline-repo), alternating rounds, best round each."""
+    repos, best = _checkouts(args), {}
     for _ in range(args.rounds):
-        for name, repo in repos.items():
-            proc = subprocess.run([sys.executable, "-c", _ATTENTION_TIMER, repo, args.target, str(args.threads),
-                                   json.dumps(args.tokens)], capture_output=True, text=True, check=True)
-            for row in json.loads(proc.stdout.strip().splitlines()[-1]):
-                if row["max_abs_err_last_row"] > 2e-3:
-                    raise SystemExit(f"{name} {row['tokens']} tokens: error {row['max_abs_err_last_row']:.1e}")
-                prev = best.setdefault(name, {}).get(row["tokens"])
-                best[name][row["tokens"]] = row if prev is None or row["sec"] < prev["sec"] else prev
+        _time_checkouts(_ATTENTION_TIMER, repos, args, args.tokens, lambda r: r["tokens"],
+                        lambda r: f"error {r['max_abs_err_last_row']:.1e}" if r["max_abs_err_last_row"] > 2e-3 else None,
+                        best)
     rows = []
     for L in args.tokens:
         flops = 4 * L * L / 2 * 64 * 9  # q k^T and p v over the causal half
@@ -473,19 +500,7 @@ def cmd_cpu_attention(args) -> int:
             row["speedup"] = row["baseline_ms"] / row["ours_ms"]
         rows.append(row)
         print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-    baseline = None
-    if args.baseline_repo:
-        baseline = subprocess.run(["git", "-C", repos["baseline"], "rev-parse", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip() or None
-    res = {"device": f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores): {_cpu_name()}",
-           "target": args.target, "threads": args.threads, "commit": git_commit(), "baseline_commit": baseline,
-           "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.utcnow().isoformat() + "Z",
-           "load_average_1_5_15": list(os.getloadavg()),
-           "timing": f"best of {args.rounds} alternating rounds, each the min of 5 repeats", "rows": rows}
-    out = RESULTS / args.json
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
-    return 0
+    return _write_cpu_ab(args, repos, f"best of {args.rounds} alternating rounds, each the min of 5 repeats", rows=rows)
 
 
 def cmd_cpu_gemm(args) -> int:
@@ -500,20 +515,11 @@ def cmd_cpu_gemm(args) -> int:
 
     torch.set_num_threads(args.threads)
     jobs = [(lbl, N, K, 64, M) for M in args.m for lbl, N, K in SMOLLM2]
-    repos = {"ours": str(REPO)}
-    if args.baseline_repo:
-        repos["baseline"] = str(Path(args.baseline_repo).resolve())
-    best: dict = {}
-    for r in range(args.rounds):
-        for name, repo in repos.items():
-            proc = subprocess.run([sys.executable, "-c", _GEMM_TIMER, repo, args.target, str(args.threads),
-                                   json.dumps(jobs)], capture_output=True, text=True, check=True)
-            for row in json.loads(proc.stdout.strip().splitlines()[-1]):
-                key = (row["label"], row["M"])
-                if row["rel_err"] > 2e-3:
-                    raise SystemExit(f"{name} {key}: relative error {row['rel_err']:.1e} against the numpy reference")
-                prev = best.setdefault(name, {}).get(key)
-                best[name][key] = row if prev is None or row["sec"] < prev["sec"] else prev
+    repos, best = _checkouts(args), {}
+    for _ in range(args.rounds):
+        _time_checkouts(_GEMM_TIMER, repos, args, jobs, lambda r: (r["label"], r["M"]),
+                        lambda r: f"relative error {r['rel_err']:.1e} against the numpy reference" if r["rel_err"] > 2e-3 else None,
+                        best)
         for lbl, N, K, G, M in jobs:
             rng = np.random.default_rng(N + K + M)
             w, s, z = random_quantized(N, K, G, rng)
@@ -537,20 +543,8 @@ def cmd_cpu_gemm(args) -> int:
         print(f"{lbl:8s} M={M:5d} " + " | ".join(f"{n} {row[f'{n}_ms']:8.2f} ms {row[f'{n}_GFLOPs']:6.1f} GFLOP/s" for n in best))
     per_layer = {name: {M: sum(r[f"{name}_ms"] for r in rows if r["M"] == M) for M in args.m} for name in best}
     print("a layer's four GEMMs (ms):", json.dumps(per_layer))
-    baseline = None
-    if args.baseline_repo:
-        baseline = subprocess.run(["git", "-C", repos["baseline"], "rev-parse", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip() or None
-    res = {"device": f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores): {_cpu_name()}",
-           "target": args.target, "threads": args.threads, "commit": git_commit(), "baseline_commit": baseline,
-           "command": " ".join([sys.executable] + sys.argv), "date": datetime.datetime.utcnow().isoformat() + "Z",
-           "load_average_1_5_15": list(os.getloadavg()),
-           "timing": f"best of {args.rounds} alternating rounds, each the min of 7 repeats of >= 50 ms", "rows": rows,
-           "layer_ms": per_layer}
-    out = RESULTS / args.json
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
-    return 0
+    return _write_cpu_ab(args, repos, f"best of {args.rounds} alternating rounds, each the min of 7 repeats of >= 50 ms",
+                         rows=rows, layer_ms=per_layer)
 
 
 def _cpu_name() -> str:
