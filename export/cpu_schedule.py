@@ -386,6 +386,7 @@ def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", 
     `batch_prefill_paged_kv_cpu` (no sliding window): a chunk's queries against the tokens cached before it
     (a follow-up chat turn, the second chunk of a long prompt). TVM's kernel there runs one thread over every
     (head, query, key) in scalar code: a 200-token turn after 1500 cached tokens took 4.5 s."""
+    from tvm.relax.frontend.nn.llm._kernel_common import _get_kv_chunk_len
     from tvm.script import tirx as T
 
     VL = 8
@@ -510,7 +511,6 @@ def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", 
                 lse[q0 + t0 + r // group, hk * group + r % group] = (
                     st[0, r] + T.log2(T.max(st[1, r], T.float32(1e-30))))
 
-
     if PAGED:
         @T.prim_func(s_tir=True)
         def attn(
@@ -560,9 +560,9 @@ def prefill_attention_cpu(H_qo: int, H_kv: int, D: int, dtype: str = "float16", 
                                 last_page_len[0:batch_size])
                         T.writes(output[0:qo_len, 0:H_qo, 0:D], lse[0:qo_len, 0:H_qo])
                         npages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-                        # TVM's _get_kv_chunk_len: full pages and the last page's fill
+                        # the cache's own rule for the key count: full pages and the last page's fill
                         rows_task(Q, pages, pages, page_values, q_indptr[b], q_indptr[b + 1] - q_indptr[b],
-                                  T.if_then_else(npages > 0, (npages - 1) * PS + last_page_len[b], 0),
+                                  T.if_then_else(npages > 0, _get_kv_chunk_len(npages, PS, b, last_page_len, False), 0),
                                   page_indptr[b], task, causal, sm_scale, output, lse)
     else:
         @T.prim_func(s_tir=True)

@@ -94,6 +94,7 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, targe
     `page_size`: the same kernel over the paged cache, with the signature of TVM's `batch_prefill_paged_kv`
     (no sliding window): a chunk's queries against the tokens cached before it (a follow-up chat turn, a
     long prompt's next chunk), where the cache would run TVM's CUDA-core kernel."""
+    from tvm.relax.frontend.nn.llm._kernel_common import _get_kv_chunk_len
     from tvm.script import tirx as T
 
     dt = get_target(target)
@@ -111,26 +112,17 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, targe
     NEG = -5e4  # finite "minus infinity" as TVM's kernels: exp2(NEG - m) underflows to 0, no inf - inf
     PAGED, PS = page_size is not None, page_size or 1
     # the pages' element offset is 64-bit (a whole cache can pass 2^31 halves), and TVM's CUDA codegen cannot
-    # emit an 8-half load at such an index: 4 at a time there
-    KV_VEC = 4 if PAGED else VEC
+    # emit an 8-half load at such an index (it stops with an error): 4 at a time there, which it emits as four
+    # 2-byte loads (as it does for decode_attention's pages)
+    KV_VEC = 4
 
     def kv_length(kvi, lpl, seq, base):
-        """The sequence's key count: from its k / v row range, or PAGED its pages and last page's fill."""
+        """The sequence's key count: from its k / v row range, or PAGED its pages and last page's fill (the
+        cache's own rule, as decode_attention uses it)."""
         if PAGED:
             n = kvi[seq + 1] - base
-            return T.if_then_else(n > 0, (n - 1) * PS + lpl[seq], 0)
+            return T.if_then_else(n > 0, _get_kv_chunk_len(n, PS, seq, lpl, False), 0)
         return kvi[seq + 1] - base
-
-    def kv_src(pv, base, j):
-        """Where key j of the sequence starting at `base` lives: its k / v row, or PAGED its page."""
-        return pv[base + j // PS] if PAGED else base + j
-
-    def kv_row(KV0, KV1, src, base, j, which, head, col):
-        """Element `col` of key (which 0) or value (1) j, found at `src` (kv_src; ragged rows index from
-        `base` directly, so their loads compile as before the paged variant existed)."""
-        if PAGED:
-            return KV0[src, which, head, j % PS, col]
-        return (KV1 if which else KV0)[base + j, head, col]
 
     @T.macro
     def attend(q, q_indptr, KV0, KV1, pv, kvi, lpl, output, lse, causal, sm_scale, B, Lq, bx, by, ty, tx):
@@ -211,13 +203,18 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, targe
                     col: T.let[T.int32] = e % D
                     if r < BN:
                         if kv0 + r < kv_len:
-                            src: T.let[T.int32] = kv_src(pv, kv_base, kv0 + r)
-                            for i0 in T.unroll(VEC // KV_VEC):
-                                for i1 in T.vectorized(KV_VEC):
-                                    KVs[r, col + i0 * KV_VEC + i1] = kv_row(KV0, KV1, src, kv_base, kv0 + r, 0, by, col + i0 * KV_VEC + i1)
-                            for i0 in T.unroll(VEC // KV_VEC):
-                                for i1 in T.vectorized(KV_VEC):
-                                    KVs[BN + r, col + i0 * KV_VEC + i1] = kv_row(KV0, KV1, src, kv_base, kv0 + r, 1, by, col + i0 * KV_VEC + i1)
+                            if PAGED:  # KV0 = KV1 = the pages, pv the page table from kv_base
+                                page: T.let[T.int32] = pv[kv_base + (kv0 + r) // PS]
+                                for kv_ in T.unroll(2):
+                                    for i0 in T.unroll(VEC // KV_VEC):
+                                        for i1 in T.vectorized(KV_VEC):
+                                            KVs[kv_ * BN + r, col + i0 * KV_VEC + i1] = KV0[
+                                                page, kv_, by, (kv0 + r) % PS, col + i0 * KV_VEC + i1]
+                            else:
+                                for i in T.vectorized(VEC):
+                                    KVs[r, col + i] = KV0[kv_base + kv0 + r, by, col + i]
+                                for i in T.vectorized(VEC):
+                                    KVs[BN + r, col + i] = KV1[kv_base + kv0 + r, by, col + i]
                         else:  # zeros, not garbage: P = 0 times NaN would still be NaN
                             for i in T.vectorized(VEC):
                                 KVs[r, col + i] = T.float16(0)
