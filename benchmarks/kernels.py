@@ -402,12 +402,17 @@ from tvm_kernels.gemm_w4a16 import gemm_w4a16, reference
 from tvm_kernels.layout import random_quantized
 from tvm_kernels.targets import get_target
 t, out = get_target(sys.argv[2]), []
+# argv[5], if any: a tiling [block_n, rows] (this checkout's CpuConfig) instead of the default
+config = None
+if len(sys.argv) > 5 and sys.argv[5]:
+    from tvm_kernels.gemm_w4a16 import CpuConfig
+    config = CpuConfig(*json.loads(sys.argv[5]))
 for label, N, K, G, M in json.loads(sys.argv[4]):
     rng = np.random.default_rng(N + K + M)
     w, s, z = random_quantized(N, K, G, rng)
     x = rng.standard_normal((M, K)).astype(np.float16)
     with t.tvm_target() as target:
-        lib = tvm.compile(tvm.IRModule({"main": gemm_w4a16(N, K, G, t)}), target=target)
+        lib = tvm.compile(tvm.IRModule({"main": gemm_w4a16(N, K, G, t, config=config)}), target=target)
     a = [tvm.runtime.tensor(v) for v in (x, w, s, z, np.full((M, N), np.nan, np.float16))]
     lib["main"](*a)
     ref = reference(x, w, s, z, G)
@@ -448,19 +453,31 @@ print(json.dumps(out))
 """
 
 
-def _checkouts(args) -> dict[str, str]:
-    repos = {"ours": str(REPO)}
+def _checkouts(args) -> dict[str, tuple[str, str]]:
+    """name -> (checkout, the timer's extra argument): ours, and --baseline-repo's as "baseline"."""
+    repos = {"ours": (str(REPO), "")}
     if args.baseline_repo:
-        repos["baseline"] = str(Path(args.baseline_repo).resolve())
+        base = Path(args.baseline_repo).resolve()
+        if not (base / "tvm_kernels").is_dir():
+            raise SystemExit(f"--baseline-repo {args.baseline_repo}: not a checkout of this project (no tvm_kernels/)")
+        repos["baseline"] = (str(base), "")
     return repos
 
 
+def _tiling(text: str) -> str:
+    """--configs BNxROWS, e.g. 16x6."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(v.isdigit() and int(v) > 0 for v in parts):
+        raise argparse.ArgumentTypeError(f"expected BLOCK_NxROWS such as 16x6, got {text!r}")
+    return text
+
+
 def _time_checkouts(timer: str, repos: dict, args, payload, key, check, best: dict) -> None:
-    """One round: `timer` (a script: repo, target, threads, JSON payload -> JSON rows) for each checkout in
-    turn; `best[name][key(row)]` keeps each row's fastest. `check(row)`: an error message, or None."""
-    for name, repo in repos.items():
-        proc = subprocess.run([sys.executable, "-c", timer, repo, args.target, str(args.threads), json.dumps(payload)],
-                              capture_output=True, text=True, check=True)
+    """One round: `timer` (a script: repo, target, threads, JSON payload[, extra] -> JSON rows) for each entry
+    of `repos` in turn; `best[name][key(row)]` keeps each row's fastest. `check(row)`: an error message, or None."""
+    for name, (repo, extra) in repos.items():
+        proc = subprocess.run([sys.executable, "-c", timer, repo, args.target, str(args.threads), json.dumps(payload),
+                               extra], capture_output=True, text=True, check=True)
         for row in json.loads(proc.stdout.strip().splitlines()[-1]):
             if (msg := check(row)) is not None:
                 raise SystemExit(f"{name} {key(row)}: {msg}")
@@ -471,7 +488,7 @@ def _time_checkouts(timer: str, repos: dict, args, payload, key, check, best: di
 def _write_cpu_ab(args, repos: dict, timing: str, **fields) -> int:
     baseline = None
     if "baseline" in repos:
-        baseline = subprocess.run(["git", "-C", repos["baseline"], "rev-parse", "HEAD"], capture_output=True,
+        baseline = subprocess.run(["git", "-C", repos["baseline"][0], "rev-parse", "HEAD"], capture_output=True,
                                   text=True).stdout.strip() or None
     res = {"device": f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores): {_cpu_name()}",
            "target": args.target, "threads": args.threads, "commit": git_commit(), "baseline_commit": baseline,
@@ -516,6 +533,9 @@ def cmd_cpu_gemm(args) -> int:
     torch.set_num_threads(args.threads)
     jobs = [(lbl, N, K, 64, M) for M in args.m for lbl, N, K in SMOLLM2]
     repos, best = _checkouts(args), {}
+    for c in args.configs:  # tilings of this checkout's kernel, as "ours_<block_n>x<rows>"
+        bn, rows = (int(v) for v in c.split("x"))
+        repos[f"ours_{c}"] = (str(REPO), json.dumps([bn, rows]))
     for _ in range(args.rounds):
         _time_checkouts(_GEMM_TIMER, repos, args, jobs, lambda r: (r["label"], r["M"]),
                         lambda r: f"relative error {r['rel_err']:.1e} against the numpy reference" if r["rel_err"] > 2e-3 else None,
@@ -597,6 +617,8 @@ def main() -> int:
     cg.add_argument("--threads", type=int, default=2)
     cg.add_argument("-m", type=int, nargs="+", default=[128, 512], help="rows of x (prompt tokens of a chunk)")
     cg.add_argument("--baseline-repo", default=None, help="another checkout whose kernel runs in the same rounds")
+    cg.add_argument("--configs", nargs="*", default=[], metavar="BNxROWS", type=_tiling,
+                    help="also this checkout's kernel with these tilings (CpuConfig block_n x rows), e.g. 16x4 32x3")
     cg.add_argument("--rounds", type=int, default=3)
     cg.add_argument("--json", default="gemm_cpu.json")
     cg.set_defaults(func=cmd_cpu_gemm)

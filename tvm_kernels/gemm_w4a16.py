@@ -561,10 +561,10 @@ class CpuConfig:
 
 def cpu_config(N: int, K: int, G: int, target: DeviceTarget) -> CpuConfig:
     lanes = max(4, target.vector_bytes // 4)
-    # 6 rows x 2 vectors = 12 accumulators, 2 weight vectors and a broadcast: AVX2's 16 registers. Swept once
-    # on SmolLM2's four shapes at M = 512, 2 threads (a scratch loop over CpuConfig, not kept; the default is
-    # timed by `python benchmarks/kernels.py cpu-gemm`): 2 rows 29.4 ms a layer, 4 rows 18.5, 6 rows 16.5;
-    # 32 columns x 3 rows 27.6; AVX-512 (cpu-avx512, 32 registers) 32 columns x 6 rows 13.2, x 8 13.6, x 12 17.1.
+    # 6 rows x 2 vectors = 12 accumulators, 2 weight vectors and a broadcast: AVX2's 16 registers. SmolLM2's four
+    # shapes at M = 512, 2 threads (`python benchmarks/kernels.py cpu-gemm -m 512 --configs ...` ->
+    # gemm_cpu_tilings.json): 16 columns x 6 rows 17.6 ms a layer, x 4 19.0, x 2 30.7; 32 columns x 3 rows 26.3.
+    # AVX-512 (cpu-avx512, 32 registers; gemm_cpu_tilings_avx512.json): 32 x 6 12.4, 32 x 8 12.1, 32 x 12 12.3.
     return CpuConfig(block_n=2 * lanes, rows=6)
 
 
