@@ -124,7 +124,8 @@ def attention_kernels(device_target, rope_mode: int):
 
     def paged(h_kv, h_q, d, dtype, sliding_window, rope_scaling, target, page_size=16, sliding_window_size=1024):
         # the chunk against the tokens cached before it (a follow-up turn, a long prompt's next chunk): TVM's
-        # kernel there ran a 200-token turn after 1500 cached tokens in 35 ms for SmolLM2 (2 ms with no history)
+        # kernel there ran a 200-token turn after 1500 cached tokens in 36 ms for SmolLM2 (2.5 ms with no history;
+        # ours 6.2 ms, benchmarks/results/e2e_gpu_turn_h100.json)
         if sliding_window or dtype != "float16" or not supports(h_q, h_kv, d):
             return stock_paged(h_kv, h_q, d, dtype, sliding_window, rope_scaling, target, page_size, sliding_window_size)
         return prefill_attention(h_kv, h_q, d, device_target, dtype=dtype, page_size=page_size)
